@@ -1,0 +1,1 @@
+"""asyncdb placeholder while the runtime is assembled."""

@@ -1,0 +1,71 @@
+"""The channel interface and the registry that picks an implementation by scheme.
+
+A channel moves frames between exactly two endpoints, in order, and knows nothing of
+actors. Every implementation honours the same contract, checked by one test suite:
+
+- frames arrive whole and in the order they were sent;
+- `send` waits while the peer is not keeping up (backpressure) and never drops;
+- frames of any size travel, also ones larger than the channel's buffer;
+- after either side closes, or the peer dies, `send` raises `ChannelClosed`, and
+  `receive` returns what had already arrived and then raises `ChannelClosed`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .frame import Frame, OutFrame
+
+
+class Channel(ABC):
+    """One end of a bidirectional, ordered frame stream."""
+
+    scheme: str = ""
+
+    @abstractmethod
+    async def send(self, frame: OutFrame) -> None:
+        """Queue `frame` for the peer; wait while the peer's buffer is full."""
+
+    @abstractmethod
+    async def receive(self) -> Frame:
+        """The next frame from the peer; `ChannelClosed` once there will be none."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close this end. The peer sees `ChannelClosed` after the frames already sent."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once this end can neither send nor receive anything new."""
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {state}>"
+
+
+PairFactory = Callable[..., Awaitable[tuple[Channel, Channel]]]
+_PAIR_FACTORIES: dict[str, PairFactory] = {}
+
+
+def register_transport(scheme: str, pair: PairFactory) -> None:
+    """Make a transport available under `scheme`; `pair(**options)` returns two
+    connected channel ends (in this process: for tests and embedding)."""
+    _PAIR_FACTORIES[scheme] = pair
+
+
+def transport_schemes() -> list[str]:
+    """The schemes registered so far, in registration order."""
+    return list(_PAIR_FACTORIES)
+
+
+async def open_pair(scheme: str, **options: Any) -> tuple[Channel, Channel]:
+    """Two connected ends of a channel of the given scheme."""
+    try:
+        factory = _PAIR_FACTORIES[scheme]
+    except KeyError:
+        known = ", ".join(_PAIR_FACTORIES) or "none"
+        raise ValueError(f"unknown transport scheme {scheme!r} (known: {known})") from None
+    return await factory(**options)

@@ -1,0 +1,288 @@
+"""One frame format for every transport, and an I/O-free decoder for it.
+
+Layout (little-endian, every offset relative to the frame's first byte):
+
+    header   20 bytes  magic b"AD", version u8, kind u8, flags u16, n_arrays u16,
+                       meta_len u32, total_len u64
+    table    per array: dtype code u8, ndim u8, then ndim dims as u64
+    meta     meta_len bytes, opaque here (the layer above puts JSON in it)
+    buffers  each array's raw C-order bytes, each starting on a 64-byte boundary
+
+`encode_frame` copies nothing: it returns an `OutFrame` that knows where each piece
+goes, and a transport copies the pieces once, straight into its ring or socket buffer.
+`parse_frame` reads a complete frame in place; `FrameDecoder` is fed bytes as they
+arrive and returns whole frames. Neither does I/O, and every malformed input raises
+`DecodeError` with the reason.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DecodeError, MessageTooLarge
+
+HEADER = struct.Struct("<2sBBHHIQ")
+MAGIC = b"AD"
+VERSION = 1
+ALIGN = 64
+MAX_ARRAYS = 4096
+MAX_NDIM = 32
+DEFAULT_MAX_FRAME_BYTES = 1 << 32
+
+_DIM = struct.Struct("<Q")
+_TABLE_ENTRY = struct.Struct("<BB")
+_ZEROS = bytes(ALIGN)
+
+# Only plain numeric dtypes travel; object arrays would be pickle by another name.
+_DTYPES: tuple[np.dtype[np.generic], ...] = tuple(
+    np.dtype(t).newbyteorder("<")
+    for t in (
+        "?", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16",
+    )
+)
+_CODES: dict[np.dtype[np.generic], int] = {dt: i for i, dt in enumerate(_DTYPES)}
+
+
+def align(n: int) -> int:
+    """Round n up to the frame alignment (64 bytes, one cache line)."""
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@dataclass(slots=True)
+class Frame:
+    """A decoded frame. `arrays` may be views into the receiver's buffer (see the
+    transport's notes on lifetime); `meta` is always a private copy."""
+
+    kind: int
+    flags: int
+    meta: bytes
+    arrays: list[np.ndarray]
+
+
+class OutFrame:
+    """An encoded frame whose pieces have not been copied yet.
+
+    `segments` are (offset, bytes-like) pairs in increasing offset order; the gaps
+    between them are alignment padding and read as zeros.
+    """
+
+    __slots__ = ("flags", "kind", "nbytes", "segments")
+
+    def __init__(self, kind: int, flags: int, segments: list[tuple[int, memoryview]], nbytes: int):
+        self.kind = kind
+        self.flags = flags
+        self.segments = segments
+        self.nbytes = nbytes
+
+    def copy_range(self, start: int, stop: int, dest: memoryview) -> None:
+        """Write bytes [start, stop) of the frame into dest[0 : stop - start]."""
+        pos = start
+        for seg_start, seg in self.segments:
+            seg_end = seg_start + len(seg)
+            if seg_end <= pos:
+                continue
+            if seg_start >= stop:
+                break
+            if seg_start > pos:
+                dest[pos - start : seg_start - start] = _ZEROS[: seg_start - pos]
+                pos = seg_start
+            hi = min(stop, seg_end)
+            dest[pos - start : hi - start] = seg[pos - seg_start : hi - seg_start]
+            pos = hi
+        if pos < stop:
+            dest[pos - start : stop - start] = _ZEROS[: stop - pos]
+
+    def write_into(self, dest: memoryview) -> None:
+        """Copy the whole frame into dest, which must hold at least `nbytes`."""
+        self.copy_range(0, self.nbytes, dest)
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The frame as consecutive byte strings of at most `size` bytes."""
+        for start in range(0, self.nbytes, size):
+            stop = min(start + size, self.nbytes)
+            buf = bytearray(stop - start)
+            self.copy_range(start, stop, memoryview(buf))
+            yield bytes(buf)
+
+    def to_bytes(self) -> bytes:
+        buf = bytearray(self.nbytes)
+        self.write_into(memoryview(buf))
+        return bytes(buf)
+
+
+def _wire_array(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _little_endian()):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def _little_endian() -> bool:
+    return bool(np.little_endian)
+
+
+def encode_frame(
+    kind: int, meta: bytes, arrays: Sequence[np.ndarray] = (), flags: int = 0
+) -> OutFrame:
+    """Lay out a frame around `meta` and `arrays` without copying their contents.
+
+    Raises TypeError for an array whose dtype cannot travel (object, strings,
+    structured) and ValueError for a kind outside 1..255 or too many arrays.
+    """
+    if not 0 < kind < 256:
+        raise ValueError(f"frame kind must be in 1..255, got {kind}")
+    if len(arrays) > MAX_ARRAYS:
+        raise ValueError(f"a frame carries at most {MAX_ARRAYS} arrays, got {len(arrays)}")
+    table = bytearray()
+    wires: list[np.ndarray] = []
+    for arr in arrays:
+        wire = _wire_array(arr)
+        code = _CODES.get(wire.dtype.newbyteorder("<"))
+        if code is None:
+            raise TypeError(f"arrays of dtype {arr.dtype} cannot be sent; use a numeric dtype")
+        if wire.ndim > MAX_NDIM:
+            raise ValueError(f"arrays of more than {MAX_NDIM} dimensions cannot be sent")
+        table += _TABLE_ENTRY.pack(code, wire.ndim)
+        for dim in wire.shape:
+            table += _DIM.pack(dim)
+        wires.append(wire)
+    prefix_len = HEADER.size + len(table) + len(meta)
+    offset = align(prefix_len)
+    segments: list[tuple[int, memoryview]] = [(0, memoryview(b""))]
+    for wire in wires:
+        if wire.nbytes:
+            segments.append((offset, memoryview(wire.reshape(-1).view(np.uint8))))
+        offset = align(offset + wire.nbytes)
+    total = offset if wires else prefix_len
+    header = HEADER.pack(MAGIC, VERSION, kind, flags, len(wires), len(meta), total)
+    segments[0] = (0, memoryview(header + bytes(table) + meta))
+    return OutFrame(kind, flags, segments, total)
+
+
+def check_header(buf: bytes | bytearray | memoryview, max_bytes: int) -> int:
+    """Validate a frame header; return the frame's total length."""
+    if len(buf) < HEADER.size:
+        raise DecodeError(f"truncated header: {len(buf)} of {HEADER.size} bytes")
+    magic, version, kind, _flags, n_arrays, meta_len, total = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise DecodeError(f"bad magic {bytes(magic)!r}: not an asyncdb frame")
+    if version != VERSION:
+        raise DecodeError(f"unsupported frame version {version} (this side speaks {VERSION})")
+    if kind == 0:
+        raise DecodeError("frame kind 0 is not used")
+    if n_arrays > MAX_ARRAYS:
+        raise DecodeError(f"frame declares {n_arrays} arrays, the limit is {MAX_ARRAYS}")
+    if total > max_bytes:
+        raise MessageTooLarge(f"frame of {total} bytes is over the {max_bytes}-byte limit")
+    if total < HEADER.size + meta_len:
+        raise DecodeError(f"frame length {total} is shorter than its header and metadata")
+    return int(total)
+
+
+def parse_frame(
+    buf: bytes | bytearray | memoryview | np.ndarray,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> Frame:
+    """Decode one complete frame. Arrays are views into `buf` (no copy), so a caller
+    that hands in a uint8 ndarray can track their lifetime through it."""
+    flat = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
+    raw = memoryview(flat)
+    total = check_header(raw, max_bytes)
+    if total != len(flat):
+        raise DecodeError(f"frame says {total} bytes but {len(flat)} were given")
+    _magic, _version, kind, flags, n_arrays, meta_len, _total = HEADER.unpack_from(raw)
+    pos = HEADER.size
+    specs: list[tuple[np.dtype[np.generic], tuple[int, ...]]] = []
+    for index in range(n_arrays):
+        if pos + _TABLE_ENTRY.size > total:
+            raise DecodeError(f"array table truncated at entry {index}")
+        code, ndim = _TABLE_ENTRY.unpack_from(raw, pos)
+        pos += _TABLE_ENTRY.size
+        if code >= len(_DTYPES):
+            raise DecodeError(f"array {index} has unknown dtype code {code}")
+        if ndim > MAX_NDIM:
+            raise DecodeError(f"array {index} has {ndim} dimensions, the limit is {MAX_NDIM}")
+        if pos + ndim * _DIM.size > total:
+            raise DecodeError(f"array table truncated in the shape of array {index}")
+        shape = struct.unpack_from(f"<{ndim}Q", raw, pos)
+        pos += ndim * _DIM.size
+        specs.append((_DTYPES[code], shape))
+    if pos + meta_len > total:
+        raise DecodeError(f"metadata of {meta_len} bytes runs past the frame end")
+    meta = bytes(raw[pos : pos + meta_len])
+    pos += meta_len
+    arrays: list[np.ndarray] = []
+    offset = align(pos)
+    for index, (dtype, shape) in enumerate(specs):
+        count = 1
+        for dim in shape:
+            count *= dim
+        nbytes = count * dtype.itemsize
+        if offset + nbytes > total:
+            raise DecodeError(f"array {index} ({nbytes} bytes) runs past the frame end")
+        arrays.append(flat[offset : offset + nbytes].view(dtype).reshape(shape))
+        offset = align(offset + nbytes)
+    expected = offset if specs else pos
+    if expected != total:
+        raise DecodeError(f"frame length {total} does not match its contents ({expected})")
+    return Frame(kind, flags, meta, arrays)
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames: `feed(bytes) -> list[Frame]`.
+
+    A frame's bytes are copied once, into a buffer of the frame's own size; its arrays
+    are views into that buffer. After a `DecodeError` the stream cannot be trusted to
+    be in step, so every later `feed` raises again: close the connection.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._head = bytearray()
+        self._body: np.ndarray | None = None
+        self._filled = 0
+        self._error: DecodeError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not yet complete."""
+        return len(self._head) if self._body is None else self._filled
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self._error is not None:
+            raise DecodeError(f"stream already failed: {self._error}")
+        try:
+            return self._feed(memoryview(data).cast("B"))
+        except DecodeError as exc:
+            self._error = exc
+            raise
+
+    def _feed(self, mv: memoryview) -> list[Frame]:
+        frames: list[Frame] = []
+        i, n = 0, len(mv)
+        while i < n:
+            if self._body is None:
+                take = min(HEADER.size - len(self._head), n - i)
+                self._head += mv[i : i + take]
+                i += take
+                if len(self._head) < HEADER.size:
+                    break
+                total = check_header(self._head, self.max_frame_bytes)
+                self._body = np.empty(total, np.uint8)
+                self._body[: HEADER.size] = np.frombuffer(self._head, np.uint8)
+                self._filled = HEADER.size
+                self._head.clear()
+            body = self._body
+            take = min(len(body) - self._filled, n - i)
+            body[self._filled : self._filled + take] = np.frombuffer(mv[i : i + take], np.uint8)
+            self._filled += take
+            i += take
+            if self._filled == len(body):
+                self._body = None
+                frames.append(parse_frame(body, self.max_frame_bytes))
+        return frames

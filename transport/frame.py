@@ -36,6 +36,7 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 32
 _DIM = struct.Struct("<Q")
 _TABLE_ENTRY = struct.Struct("<BB")
 _ZEROS = bytes(ALIGN)
+_MAX_EXTENT = 1 << 62  # numpy refuses shapes whose extent reaches this, even if empty
 
 # Only plain numeric dtypes travel; object arrays would be pickle by another name.
 _DTYPES: tuple[np.dtype[np.generic], ...] = tuple(
@@ -54,13 +55,15 @@ def align(n: int) -> int:
 
 @dataclass(slots=True)
 class Frame:
-    """A decoded frame. `arrays` may be views into the receiver's buffer (see the
-    transport's notes on lifetime); `meta` is always a private copy."""
+    """A decoded frame; `meta` is always a private copy. `borrowed` frames' arrays are
+    views into the transport's own buffer (a shared-memory ring), which is reused once
+    they are all gone: copy them to keep them for long."""
 
     kind: int
     flags: int
     meta: bytes
     arrays: list[np.ndarray]
+    borrowed: bool = False
 
 
 class OutFrame:
@@ -98,7 +101,10 @@ class OutFrame:
 
     def write_into(self, dest: memoryview) -> None:
         """Copy the whole frame into dest, which must hold at least `nbytes`."""
-        self.copy_range(0, self.nbytes, dest)
+        if len(self.segments) == 1:
+            dest[: self.nbytes] = self.segments[0][1]
+        else:
+            self.copy_range(0, self.nbytes, dest)
 
     def chunks(self, size: int) -> Iterator[bytes]:
         """The frame as consecutive byte strings of at most `size` bytes."""
@@ -109,6 +115,8 @@ class OutFrame:
             yield bytes(buf)
 
     def to_bytes(self) -> bytes:
+        if len(self.segments) == 1:
+            return bytes(self.segments[0][1])
         buf = bytearray(self.nbytes)
         self.write_into(memoryview(buf))
         return bytes(buf)
@@ -136,6 +144,10 @@ def encode_frame(
     """
     if not 0 < kind < 256:
         raise ValueError(f"frame kind must be in 1..255, got {kind}")
+    if not arrays:
+        total = HEADER.size + len(meta)
+        head = HEADER.pack(MAGIC, VERSION, kind, flags, 0, len(meta), total)
+        return OutFrame(kind, flags, [(0, memoryview(head + meta))], total)
     if len(arrays) > MAX_ARRAYS:
         raise ValueError(f"a frame carries at most {MAX_ARRAYS} arrays, got {len(arrays)}")
     table = bytearray()
@@ -156,7 +168,7 @@ def encode_frame(
     segments: list[tuple[int, memoryview]] = [(0, memoryview(b""))]
     for wire in wires:
         if wire.nbytes:
-            segments.append((offset, memoryview(wire.reshape(-1).view(np.uint8))))
+            segments.append((offset, wire.reshape(-1).view(np.uint8).data))
         offset = align(offset + wire.nbytes)
     total = offset if wires else prefix_len
     header = HEADER.pack(MAGIC, VERSION, kind, flags, len(wires), len(meta), total)
@@ -190,13 +202,17 @@ def parse_frame(
 ) -> Frame:
     """Decode one complete frame. Arrays are views into `buf` (no copy), so a caller
     that hands in a uint8 ndarray can track their lifetime through it."""
-    flat = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
-    raw = memoryview(flat)
+    raw = buf.data if isinstance(buf, np.ndarray) else memoryview(buf)
     total = check_header(raw, max_bytes)
-    if total != len(flat):
-        raise DecodeError(f"frame says {total} bytes but {len(flat)} were given")
+    if total != raw.nbytes:
+        raise DecodeError(f"frame says {total} bytes but {raw.nbytes} were given")
     _magic, _version, kind, flags, n_arrays, meta_len, _total = HEADER.unpack_from(raw)
     pos = HEADER.size
+    if not n_arrays:
+        if HEADER.size + meta_len != total:
+            raise DecodeError(f"frame length {total} does not match its contents "
+                              f"({HEADER.size + meta_len})")
+        return Frame(kind, flags, bytes(raw[pos : pos + meta_len]), [])
     specs: list[tuple[np.dtype[np.generic], tuple[int, ...]]] = []
     for index in range(n_arrays):
         if pos + _TABLE_ENTRY.size > total:
@@ -216,12 +232,16 @@ def parse_frame(
         raise DecodeError(f"metadata of {meta_len} bytes runs past the frame end")
     meta = bytes(raw[pos : pos + meta_len])
     pos += meta_len
+    flat = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
     arrays: list[np.ndarray] = []
     offset = align(pos)
     for index, (dtype, shape) in enumerate(specs):
-        count = 1
+        count, extent = 1, dtype.itemsize
         for dim in shape:
             count *= dim
+            extent *= max(dim, 1)
+        if extent >= _MAX_EXTENT:
+            raise DecodeError(f"array {index} has an impossible shape {shape}")
         nbytes = count * dtype.itemsize
         if offset + nbytes > total:
             raise DecodeError(f"array {index} ({nbytes} bytes) runs past the frame end")

@@ -7,9 +7,10 @@ frees it when the last process holding it exits, `kill -9` included.
 
 Each frame is written once into the ring, as records aligned to 64 bytes:
 
-    WHOLE   a frame that fits in half the ring, contiguous (a PAD record fills the
+    WHOLE   a frame of at most half the ring, contiguous (a PAD record fills the
             ring's tail when it would not fit before the wrap)
-    FIRST / MIDDLE / LAST   a larger frame, streamed through the ring in pieces
+    FIRST / MIDDLE / LAST   a larger frame, streamed through the ring in pieces of a
+            quarter of the ring and assembled in a pooled buffer (one copy)
 
 Wake-ups are signalled only on transitions: the writer signals when the reader had
 consumed everything before this write (empty to non-empty), the reader signals when the
@@ -17,10 +18,11 @@ writer said it is waiting for space (full to not-full). Both sides publish their
 position, then fence, then read the other's, so a wake-up is never lost; an idle
 endpoint sleeps in the event loop and uses no CPU.
 
-Received frames of 64 KiB and more are parsed in place: their arrays are views into
-the ring, and the ring space is reused only after the last of those views is gone.
-At most half the ring is held this way; beyond that, and for small frames, arrays are
-copied out once. Streamed frames are copied once into a buffer of their own.
+Whole frames of 64 KiB and more are parsed in place and marked `borrowed`: their arrays
+are views into the ring, whose space is reused only once the last view is gone. The
+layer above decides who may keep such views (the node copies them for any actor that
+has not declared it lets go of received arrays when its handler returns), because
+ring space held for long stops the writer. Small frames are copied out at once.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 from .base import Channel, register_transport
 from .errors import ChannelClosed, DecodeError
 from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, OutFrame, align, parse_frame
+from .pool import BufferPool
 
 CONTROL_BYTES = 4096
 DEFAULT_RING_BYTES = 32 << 20
@@ -146,6 +149,7 @@ class ShmChannel(Channel):
         self._read_pos = int(self._ctl[self._r + _READ_POS])
         self._held: deque[list[Any]] = deque()
         self._held_bytes = 0
+        self._pool = BufferPool()
         self._assembly: np.ndarray | None = None
         self._assembled = 0
         self._inbox: deque[Frame | DecodeError] = deque()
@@ -311,16 +315,17 @@ class ShmChannel(Channel):
         head = int(self._ctl[r + _HEAD])
         while self._read_pos != head and len(self._inbox) < RECEIVE_BATCH:
             pos = self._read_pos % ring
-            nbytes, kind, total = _RECORD.unpack_from(ring_in, pos)
+            nbytes, kind, total = _RECORD.unpack_from(self._mm, self._in_base + pos)
             length = _RECORD_BYTES + align(nbytes)
             if kind not in (WHOLE, FIRST, MIDDLE, LAST, PAD) or length > ring - pos:
                 self._corrupt(f"bad ring record (type {kind}, {nbytes} bytes at {pos})")
                 return
-            self._read_pos += length
             body = pos + _RECORD_BYTES
+            self._read_pos += length
             if kind == WHOLE:
                 self._take_whole(body, nbytes, length)
-            elif kind == PAD:
+                continue
+            if kind == PAD:
                 self._consumed(self._read_pos)
             else:
                 self._take_piece(kind, ring_in[body : body + nbytes], total)
@@ -328,8 +333,7 @@ class ShmChannel(Channel):
 
     def _take_whole(self, body: int, nbytes: int, length: int) -> None:
         end = self._read_pos
-        keep = (nbytes >= INPLACE_MIN_BYTES
-                and self._held_bytes + length <= self.ring_bytes // 2)
+        keep = nbytes >= INPLACE_MIN_BYTES
         if keep:
             # A base array of its own, so its finalizer runs after the last view dies.
             region = np.frombuffer(self._mm, np.uint8, nbytes, self._in_base + body)
@@ -348,6 +352,7 @@ class ShmChannel(Channel):
             self._held.append(entry)
             self._held_bytes += length
             weakref.finalize(region, self._release, entry)
+            frame.borrowed = True
             self.stats["in_place"] += 1
         else:
             frame.arrays = [a.copy() for a in frame.arrays]
@@ -360,7 +365,7 @@ class ShmChannel(Channel):
             if total > self.max_frame_bytes:
                 self._corrupt(f"streamed frame of {total} bytes is over the limit")
                 return
-            self._assembly = np.empty(total, np.uint8)
+            self._assembly = self._pool.take(total)
             self._assembled = 0
         assembly = self._assembly
         if assembly is None or self._assembled + len(data) > len(assembly):

@@ -1,0 +1,104 @@
+"""Every error asyncdb raises on purpose, rooted at `AsyncDBError`.
+
+Transport errors (`ChannelClosed`, `DecodeError`, `MessageTooLarge`,
+`AuthenticationError`) are defined in `asyncdb.transport` and re-exported here.
+"""
+
+from __future__ import annotations
+
+from asyncdb.transport.errors import (
+    AsyncDBError,
+    AuthenticationError,
+    ChannelClosed,
+    DecodeError,
+    MessageTooLarge,
+)
+
+__all__ = [
+    "ActorDead",
+    "ActorError",
+    "AsyncDBError",
+    "AuthenticationError",
+    "ChannelClosed",
+    "ConfigError",
+    "DecodeError",
+    "EncodeError",
+    "MessageTooLarge",
+    "RemoteTraceback",
+    "Timeout",
+    "UpdateRejected",
+    "error_from_remote",
+]
+
+
+class ActorDead(AsyncDBError):
+    """Raised to an ask or tell whose target actor does not exist (never spawned, or
+    stopped); also to asks still in the mailbox of an actor that stops."""
+
+
+class Timeout(AsyncDBError, TimeoutError):
+    """Raised by `ask` when no reply came within its timeout."""
+
+
+class ActorError(AsyncDBError):
+    """Raised by `ask` when the handler raised an exception that is not an asyncdb
+    error. `remote_type` and `remote_message` describe the original; its traceback is
+    chained as the cause (the original exception itself, when it ran in this process)."""
+
+    def __init__(self, message: str, remote_type: str = "", remote_message: str = "",
+                 actor: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.actor = actor
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in another process; the cause of the
+    error the asker sees."""
+
+
+class EncodeError(AsyncDBError, TypeError):
+    """Raised when a message holds something that cannot be sent: messages are plain
+    data (None, bool, int, float, str, list, tuple, dict with str keys), numpy arrays,
+    bytes and ActorRefs."""
+
+
+class UpdateRejected(AsyncDBError, ValueError):
+    """Raised to a push whose gradient has the wrong shape or dtype, or holds NaN or
+    Inf; the shard's parameters are left as they were."""
+
+
+class ConfigError(AsyncDBError, ValueError):
+    """Raised for a configuration that cannot work: an unknown actor type, an invalid
+    option, a layout that does not match the model."""
+
+
+def _typed_errors() -> dict[str, type[AsyncDBError]]:
+    found: dict[str, type[AsyncDBError]] = {}
+    pending: list[type[AsyncDBError]] = [AsyncDBError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_from_remote(info: dict[str, str]) -> AsyncDBError:
+    """Rebuild the error a remote handler raised: the same asyncdb error type where
+    there is one, else `ActorError`; the remote traceback is chained as its cause."""
+    type_name = str(info.get("type", "Exception"))
+    message = str(info.get("message", ""))
+    actor = str(info.get("actor", ""))
+    cls = _typed_errors().get(type_name)
+    if cls is not None and cls is not ActorError:
+        try:
+            error: AsyncDBError = cls(message)
+        except TypeError:
+            error = ActorError(f"{actor}: {type_name}: {message}", type_name, message, actor)
+    else:
+        error = ActorError(f"{actor}: {type_name}: {message}", type_name, message, actor)
+    trace = info.get("traceback")
+    if trace:
+        error.__cause__ = RemoteTraceback(trace)
+    return error

@@ -5,7 +5,11 @@ The whole public API is named here.
 
 from __future__ import annotations
 
+from . import datasets
 from .actor import Actor, ActorRef
+from .cluster import Cluster, Run
+from .coordinator import Coordinator
+from .downpour import Downpour, Replica
 from .errors import (
     ActorDead,
     ActorError,
@@ -22,32 +26,46 @@ from .errors import (
 )
 from .loop import run
 from .node import Node
+from .optim import SGD, Adagrad, UpdateRule
+from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
+from .shard import ParameterShard
 from .supervisor import Policy, Supervisor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
     "Actor",
     "ActorDead",
     "ActorError",
     "ActorRef",
+    "Adagrad",
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
+    "Cluster",
     "ConfigError",
+    "Coordinator",
     "DecodeError",
+    "Downpour",
     "EncodeError",
     "LocalNodes",
     "MessageTooLarge",
     "Node",
+    "ParameterLayout",
+    "ParameterShard",
     "Policy",
     "RemoteTraceback",
+    "Replica",
+    "Run",
     "Supervisor",
     "Timeout",
     "UpdateRejected",
+    "UpdateRule",
     "__version__",
+    "datasets",
     "register_actor",
     "run",
 ]

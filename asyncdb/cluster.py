@@ -1,0 +1,208 @@
+"""Placement and the training entry point.
+
+`Cluster.inproc` puts every actor in the caller's event loop; `Cluster.local` starts
+one node process per shard and per replica on this host, linked by shared-memory rings.
+The same `await cluster.train(...)` runs on both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asyncdb.models import Model
+
+from .actor import ActorRef
+from .coordinator import Coordinator, Progress
+from .data import SharedArrays, inline_arrays
+from .datasets import Dataset
+from .downpour import Downpour, Replica
+from .engine import default_threads
+from .errors import ConfigError
+from .node import Node
+from .optim import Adagrad, UpdateRule
+from .params import ParameterLayout
+from .process import LocalNodes
+from .shard import ParameterShard
+
+
+@dataclass
+class Run:
+    """What `Cluster.train` returns. `history` holds one entry per evaluation: time,
+    examples, examples_per_s, loss, test_accuracy, staleness_mean, staleness_max,
+    updates, replicas; the last entry is the final evaluation on the whole test set."""
+
+    history: list[dict[str, Any]]
+    params: dict[str, np.ndarray]
+    replicas: dict[int, dict[str, Any]]
+    shards: list[dict[str, Any]]
+    lost: list[int]
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "history": self.history, "seconds": self.seconds,
+                "lost_replicas": self.lost,
+                "replicas": {str(k): v for k, v in self.replicas.items()},
+                "shards": [{k: v for k, v in s.items() if k != "progress"}
+                           for s in self.shards]}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+
+class Cluster:
+    """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
+
+    def __init__(self, mode: str, shards: int, replicas: int, *,
+                 ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> None:
+        if shards < 1 or replicas < 1:
+            raise ConfigError("a cluster needs at least one shard and one replica")
+        self.mode = mode
+        self.shards = shards
+        self.replicas = replicas
+        self.ring_bytes = ring_bytes
+        self.ask_timeout = ask_timeout
+        self.node: Node | None = None
+        self.nodes: LocalNodes | None = None
+
+    @classmethod
+    def inproc(cls, shards: int = 1, replicas: int = 1, **options: Any) -> Cluster:
+        """Every actor in the caller's event loop (embedding, tests)."""
+        return cls("inproc", shards, replicas, **options)
+
+    @classmethod
+    def local(cls, shards: int = 2, replicas: int = 2, **options: Any) -> Cluster:
+        """One node process per shard and per replica on this host, shm rings between."""
+        return cls("local", shards, replicas, **options)
+
+    async def __aenter__(self) -> Cluster:
+        self.node = Node("driver", ask_timeout=self.ask_timeout)
+        if self.mode == "local":
+            extra = {} if self.ring_bytes is None else {"ring_bytes": self.ring_bytes}
+            self.nodes = LocalNodes(self.node, self.shards + self.replicas, prefix="node",
+                                    **extra)
+            try:
+                await self.nodes.start()
+            except BaseException:
+                await self.close()
+                raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self.nodes is not None:
+            await self.nodes.close()
+        if self.node is not None:
+            await self.node.close()
+
+    def _placement(self) -> tuple[list[str], list[str]]:
+        assert self.node is not None
+        if self.nodes is None:
+            return [self.node.id] * self.shards, [self.node.id] * self.replicas
+        ids = self.nodes.ids
+        return ids[: self.shards], ids[self.shards :]
+
+    async def train(self, model: Model, data: Dataset, *,
+                    algorithm: Downpour | None = None, optimizer: UpdateRule | None = None,
+                    epochs: float = 1.0, steps: int | None = None, seed: int = 0,
+                    eval_every: float = 2.0, eval_rows: int = 2000,
+                    engine: str = "blocked", shard_threads: int | None = None,
+                    on_progress: Progress | None = None) -> Run:
+        """Train `model` on `data` with Downpour SGD; return the run's history.
+
+        `epochs`: passes over the training data, all replicas together (fractions
+        allowed); `steps`: total mini-batches across replicas, instead of epochs.
+        """
+        node = self.node
+        if node is None:
+            raise ConfigError("use the cluster inside `async with`")
+        algorithm = algorithm or Downpour()
+        optimizer = optimizer or Adagrad()
+        shard_nodes, replica_nodes = self._placement()
+        layout = ParameterLayout(model.param_shapes())
+        bounds = layout.shard_bounds(self.shards)
+        initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
+        if shard_threads is None:
+            shard_threads = (default_threads() if self.mode == "inproc"
+                             else default_threads(self.shards + self.replicas))
+        n = len(data.x_train)
+        edges = [n * i // self.replicas for i in range(self.replicas + 1)]
+        slices = [[lo, hi] for lo, hi in zip(edges, edges[1:], strict=False)]
+        if any(hi - lo < algorithm.batch_size for lo, hi in slices):
+            raise ConfigError(f"{n} training rows cannot give each of {self.replicas} "
+                              f"replicas a batch of {algorithm.batch_size}")
+        if steps is None:
+            per_replica = [max(1, math.ceil(epochs * (hi - lo) / algorithm.batch_size))
+                           for lo, hi in slices]
+        else:
+            per_replica = [math.ceil(steps / self.replicas)] * self.replicas
+        shared = None
+        if self.mode == "inproc":
+            spec = inline_arrays({"x": data.x_train, "y": data.y_train})
+        else:
+            shared = SharedArrays({"x": data.x_train, "y": data.y_train})
+            spec = shared.spec
+        spawned: list[ActorRef] = []
+        try:
+            shards = []
+            for i, (lo, hi) in enumerate(bounds):
+                ref = await node.spawn(ParameterShard, node=shard_nodes[i], config={
+                    "index": i, "values": initial[lo:hi], "optimizer": optimizer.to_config(),
+                    "engine": engine, "threads": shard_threads})
+                shards.append(ref)
+            spawned += shards
+            replicas = []
+            for i in range(self.replicas):
+                ref = await node.spawn(Replica, node=replica_nodes[i], config={
+                    "index": i, "model": model.to_config(), "shards": shards,
+                    "bounds": [list(b) for b in bounds], "data": spec,
+                    "algorithm": algorithm.to_config(), "seed": seed})
+                replicas.append(ref)
+            spawned += replicas
+            coordinator = await node.spawn(Coordinator, config={
+                "model": model.to_config(), "shards": shards,
+                "bounds": [list(b) for b in bounds], "x_test": data.x_test,
+                "y_test": data.y_test, "eval_every": eval_every, "eval_rows": eval_rows,
+                "on_progress": on_progress})
+            spawned.append(coordinator)
+            result = await coordinator.ask(
+                {"op": "run", "replicas": replicas, "slices": slices, "steps": per_replica,
+                 "warm_start_steps": algorithm.warm_start_steps}, timeout=None)
+            flat = await coordinator.ask({"op": "params"})
+        finally:
+            await self._stop(spawned)
+            if shared is not None:
+                shared.close()
+        return Run(
+            history=result["history"], params=dict(layout.views(np.array(flat))),
+            replicas={int(k): v for k, v in result["replicas"].items()},
+            shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
+            config={"mode": self.mode, "shards": self.shards, "replicas": self.replicas,
+                    "model": model.to_config(), "algorithm": algorithm.to_config(),
+                    "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
+                    "engine": engine, "shard_threads": shard_threads, "seed": seed,
+                    "data": data.name})
+
+    async def _stop(self, refs: list[ActorRef]) -> None:
+        assert self.node is not None
+        for ref in reversed(refs):
+            try:
+                await self.node.ref(ref.node_id, "_system").ask(
+                    {"op": "stop", "name": ref.name}, timeout=10)
+            except Exception:  # a node that died with its actors has nothing to stop
+                continue

@@ -1,0 +1,141 @@
+"""The coordinator: starts a Downpour run, hands each replica its slice of the data,
+evaluates the shards' current parameters on test data every few seconds, and ends
+the run when every replica has done its steps. A replica that dies is logged and the
+run goes on with the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from asyncdb.models import Model
+
+from .actor import Actor, ActorRef
+from .errors import ActorDead, ChannelClosed
+from .params import ParameterLayout
+from .registry import register_actor
+
+log = logging.getLogger("asyncdb.coordinator")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@register_actor("asyncdb.Coordinator")
+class Coordinator(Actor):
+    """Lives on the driver's node. `on_progress` (a callable, so the coordinator must be
+    spawned in the driver's process) receives each history entry as it is made."""
+
+    def __init__(self, model: dict[str, Any], shards: list[ActorRef],
+                 bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
+                 eval_every: float = 2.0, eval_rows: int = 2000,
+                 on_progress: Progress | None = None) -> None:
+        self.model = Model.from_config(model)
+        self.layout = ParameterLayout(self.model.param_shapes())
+        self.shards = shards
+        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.x_test, self.y_test = x_test, y_test
+        self.eval_every = eval_every
+        self.eval_rows = eval_rows
+        self.on_progress = on_progress
+        self.history: list[dict[str, Any]] = []
+        self._started = 0.0
+
+    async def receive(self, message: dict[str, Any]) -> Any:
+        if message.get("op") == "run":
+            return await self.run(message["replicas"], message["slices"], message["steps"],
+                                  int(message.get("warm_start_steps", 0)))
+        if message.get("op") == "params":
+            return await self.params()
+        raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
+
+    async def params(self) -> np.ndarray:
+        flat = np.empty(self.layout.size, np.float32)
+
+        async def one(i: int) -> None:
+            lo, hi = self.bounds[i]
+            flat[lo:hi] = (await self.shards[i].ask({"op": "fetch"}))["values"]
+
+        await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+        return flat
+
+    async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
+        flat = await self.params()
+        stats = await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))
+        views = self.layout.views(flat)
+        n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
+        accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
+        progress = stats[0]["progress"].values()
+        examples = sum(int(p["examples"]) for p in progress)
+        elapsed = time.perf_counter() - self._started
+        updates = sum(int(s["updates"]) for s in stats)
+        entry = {
+            "time": round(elapsed, 3),
+            "examples": examples,
+            "examples_per_s": examples / elapsed if elapsed > 0 else 0.0,
+            "loss": float(np.mean([p["loss"] for p in progress])) if progress else None,
+            "test_accuracy": accuracy,
+            "staleness_mean": (sum(s["staleness_mean"] * s["updates"] for s in stats)
+                               / updates if updates else 0.0),
+            "staleness_max": max(int(s["staleness_max"]) for s in stats),
+            "updates": updates,
+            "replicas": alive,
+        }
+        self.history.append(entry)
+        if self.on_progress is not None:
+            self.on_progress(entry)
+        return entry
+
+    async def run(self, replicas: list[ActorRef], slices: list[list[int]], steps: list[int],
+                  warm_start_steps: int) -> dict[str, Any]:
+        self._started = time.perf_counter()
+        self.history = []
+        summaries: dict[int, dict[str, Any]] = {}
+        lost: list[int] = []
+        if warm_start_steps and replicas:
+            warm = min(warm_start_steps, steps[0])
+            log.info("warm start: replica 0 trains alone for %d steps", warm)
+            summaries[0] = await replicas[0].ask(
+                {"op": "train", "start": slices[0][0], "stop": slices[0][1], "steps": warm},
+                timeout=None)
+            steps = [steps[0] - warm, *steps[1:]]
+        tasks = {
+            asyncio.ensure_future(ref.ask({"op": "train", "start": lo, "stop": hi,
+                                           "steps": n}, timeout=None)): i
+            for i, (ref, (lo, hi), n) in enumerate(zip(replicas, slices, steps, strict=True))
+            if n > 0
+        }
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=self.eval_every)
+            for task in done:
+                index = tasks[task]
+                try:
+                    result = task.result()
+                except (ChannelClosed, ActorDead) as exc:
+                    lost.append(index)
+                    log.warning("replica %d lost (%s); training goes on with %d replicas",
+                                index, exc, len(replicas) - len(lost))
+                    continue
+                summaries[index] = _merge(summaries.get(index), result)
+            if pending:
+                await self.evaluate(self.eval_rows, len(replicas) - len(lost))
+        final = await self.evaluate(None, len(replicas) - len(lost))
+        seconds = time.perf_counter() - self._started
+        examples = sum(int(s["examples"]) for s in summaries.values())
+        final["examples"] = examples
+        final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
+        return {"history": self.history, "replicas": summaries, "lost": lost,
+                "seconds": seconds,
+                "shards": await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))}
+
+
+def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """A replica's counters are cumulative; its seconds add up across train calls."""
+    if before is None:
+        return after
+    return {**after, "seconds": before["seconds"] + after["seconds"]}

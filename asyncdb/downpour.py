@@ -1,0 +1,229 @@
+"""Downpour SGD: model replicas training asynchronously against the parameter shards.
+
+A replica computes gradients on mini-batches of its own slice of the data. Every
+`n_fetch` steps it fetches fresh parameters from all shards at once; every `n_push`
+steps it pushes the gradients accumulated since its last push to all shards at once.
+Both go out as background tasks while the next mini-batch is computed, and both obey
+optional rate limits (operations/s, bytes/s): a fetch that the limit refuses is
+skipped (the replica goes on with what it has), a push is deferred (its gradients keep
+accumulating). The last push of a run waits for the limit instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from asyncdb.models import Model
+
+from .actor import Actor, ActorRef
+from .data import open_arrays
+from .errors import ConfigError
+from .params import ParameterLayout
+from .registry import register_actor
+
+
+@dataclass(frozen=True)
+class Downpour:
+    """Downpour SGD settings. Rates are per replica; None means unlimited."""
+
+    n_fetch: int = 1
+    n_push: int = 1
+    batch_size: int = 32
+    fetch_rate: float | None = None
+    push_rate: float | None = None
+    fetch_bytes_rate: float | None = None
+    push_bytes_rate: float | None = None
+    warm_start_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_fetch < 1 or self.n_push < 1 or self.batch_size < 1:
+            raise ConfigError("n_fetch, n_push and batch_size must be at least 1")
+        if self.warm_start_steps < 0:
+            raise ConfigError("warm_start_steps cannot be negative")
+        for name in ("fetch_rate", "push_rate", "fetch_bytes_rate", "push_bytes_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive (or None for no limit)")
+
+    def to_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RateLimit:
+    """Token buckets on operations/s and bytes/s, each holding one second's worth."""
+
+    def __init__(self, ops_per_s: float | None, bytes_per_s: float | None) -> None:
+        self.ops_per_s = ops_per_s
+        self.bytes_per_s = bytes_per_s
+        self._ops = 1.0 if ops_per_s is None else min(1.0, ops_per_s)
+        self._bytes = 0.0 if bytes_per_s is None else bytes_per_s
+        self._last = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        elapsed, self._last = now - self._last, now
+        if self.ops_per_s is not None:
+            self._ops = min(max(1.0, self.ops_per_s), self._ops + elapsed * self.ops_per_s)
+        if self.bytes_per_s is not None:
+            self._bytes = min(self.bytes_per_s, self._bytes + elapsed * self.bytes_per_s)
+
+    def try_take(self, nbytes: int) -> bool:
+        """Take one operation of `nbytes` if the limits allow it now."""
+        self._refill()
+        if self.ops_per_s is not None and self._ops < 1.0:
+            return False
+        if self.bytes_per_s is not None and self._bytes < min(nbytes, self.bytes_per_s):
+            return False
+        if self.ops_per_s is not None:
+            self._ops -= 1.0
+        if self.bytes_per_s is not None:
+            self._bytes -= nbytes
+        return True
+
+    async def take(self, nbytes: int) -> None:
+        while not self.try_take(nbytes):
+            await asyncio.sleep(0.005)
+
+
+@register_actor("asyncdb.Replica")
+class Replica(Actor):
+    """One model replica. `train` runs its part of a Downpour run and answers with a
+    summary; progress rides on its pushes (examples done, recent loss)."""
+
+    def __init__(self, index: int, model: dict[str, Any], shards: list[ActorRef],
+                 bounds: list[list[int]], data: dict[str, Any], algorithm: dict[str, Any],
+                 seed: int = 0) -> None:
+        self.index = index
+        self.model = Model.from_config(model)
+        self.layout = ParameterLayout(self.model.param_shapes())
+        self.shards = shards
+        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.algorithm = Downpour(**algorithm)
+        self.arrays = open_arrays(data)
+        self.rng = np.random.default_rng(seed + 7919 * index)
+        size = self.layout.size
+        self.params = np.zeros(size, np.float32)
+        self.grad = np.zeros(size, np.float32)
+        self.accum = [np.zeros(size, np.float32), np.zeros(size, np.float32)]
+        self.param_views = self.layout.views(self.params)
+        self.grad_views = self.layout.views(self.grad)
+        self.versions = [0] * len(shards)
+        self.fetch_limit = RateLimit(self.algorithm.fetch_rate, self.algorithm.fetch_bytes_rate)
+        self.push_limit = RateLimit(self.algorithm.push_rate, self.algorithm.push_bytes_rate)
+        self.counts = {"steps": 0, "examples": 0, "fetches": 0, "pushes": 0,
+                       "skipped_fetches": 0, "deferred_pushes": 0}
+        self._fetching: asyncio.Task[None] | None = None
+        self._pushing: asyncio.Task[None] | None = None
+        self._pending_steps = 0
+        self._loss_sum = 0.0
+        self._loss_steps = 0
+
+    async def receive(self, message: dict[str, Any]) -> Any:
+        if message.get("op") == "train":
+            return await self.train(int(message["start"]), int(message["stop"]),
+                                    int(message["steps"]))
+        if message.get("op") == "counts":
+            return dict(self.counts)
+        raise ConfigError(f"replica: unknown op {message.get('op')!r}")
+
+    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
+        """Run `steps` mini-batches over rows [start, stop) of the training data."""
+        x, y = self.arrays["x"], self.arrays["y"]
+        batch = self.algorithm.batch_size
+        n_fetch, n_push = self.algorithm.n_fetch, self.algorithm.n_push
+        began = time.perf_counter()
+        await self._fetch()
+        order = np.arange(start, stop)
+        position = len(order)
+        for _ in range(steps):
+            if position + batch > len(order):
+                self.rng.shuffle(order)
+                position = 0
+            rows = np.sort(order[position:position + batch])
+            position += batch
+            loss, _ = self.model.loss_and_grad(self.param_views, x[rows], y[rows],
+                                               self.grad_views)
+            np.add(self.accum[0], self.grad, out=self.accum[0])
+            self._pending_steps += 1
+            self._loss_sum += loss
+            self._loss_steps += 1
+            self.counts["steps"] += 1
+            self.counts["examples"] += batch
+            if self.counts["steps"] % n_push == 0:
+                await self._maybe_push()
+            if self.counts["steps"] % n_fetch == 0:
+                self._maybe_fetch()
+            await asyncio.sleep(0)  # let fetches and pushes move between steps
+        await self._flush()
+        seconds = time.perf_counter() - began
+        return {**self.counts, "seconds": seconds, "replica": self.index}
+
+    # -- fetching ---------------------------------------------------------------
+
+    def _maybe_fetch(self) -> None:
+        if self._fetching is not None and not self._fetching.done():
+            return  # one fetch in flight at a time; this step uses what it has
+        if not self.fetch_limit.try_take(self.params.nbytes):
+            self.counts["skipped_fetches"] += 1
+            return
+        self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+
+    async def _fetch(self) -> None:
+        async def one(i: int) -> None:
+            reply = await self.shards[i].ask({"op": "fetch"})
+            lo, hi = self.bounds[i]
+            self.params[lo:hi] = reply["values"]
+            self.versions[i] = int(reply["version"])
+
+        await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+        self.counts["fetches"] += 1
+
+    # -- pushing ----------------------------------------------------------------
+
+    async def _maybe_push(self) -> None:
+        if self._pushing is not None:
+            if not self._pushing.done():
+                await self._pushing  # at most one push in flight: its buffer is busy
+            self._pushing.result()
+        if not self.push_limit.try_take(self.params.nbytes):
+            self.counts["deferred_pushes"] += 1
+            return
+        self._start_push()
+
+    def _start_push(self) -> None:
+        self.accum.reverse()  # accumulate into the other buffer while this one flies
+        buffer = self.accum[1]
+        progress = {"replica": self.index, "examples": self.counts["examples"],
+                    "loss": self._loss_sum / max(1, self._loss_steps)}
+        self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
+        self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))
+
+    async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
+        async def one(i: int) -> None:
+            lo, hi = self.bounds[i]
+            message = {"op": "push", "grad": buffer[lo:hi], "version": self.versions[i]}
+            if i == 0:
+                message["progress"] = progress
+            await self.shards[i].ask(message)
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+        finally:
+            buffer[...] = 0.0
+        self.counts["pushes"] += 1
+
+    async def _flush(self) -> None:
+        if self._pushing is not None:
+            await self._pushing
+        if self._pending_steps:
+            await self.push_limit.take(self.params.nbytes)
+            self._start_push()
+            assert self._pushing is not None
+            await self._pushing
+        if self._fetching is not None:
+            await self._fetching

@@ -1,0 +1,77 @@
+"""Update rules: each is a few numexpr-style statements applied in place to a shard's
+slice. A rule names its state arrays and scalars; an engine (`asyncdb.engine`) runs
+the statements over the slice."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+class UpdateRule:
+    """Base of every rule: `statements` assign to `param` or a state array, reading
+    `param`, `grad`, the state arrays and the scalars."""
+
+    state: ClassVar[tuple[str, ...]] = ()
+    _rules: ClassVar[dict[str, type[UpdateRule]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        UpdateRule._rules[cls.__name__.lower()] = cls
+
+    def statements(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def scalars(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+    def init_state(self, size: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros(size, np.float32) for name in self.state}
+
+    def to_config(self) -> dict[str, Any]:
+        return {"rule": type(self).__name__.lower(), **self.scalars()}
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> UpdateRule:
+        options = dict(config)
+        name = str(options.pop("rule", ""))
+        cls = UpdateRule._rules.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown update rule {name!r}; known: {sorted(UpdateRule._rules)}")
+        try:
+            return cls(**options)
+        except TypeError as exc:
+            raise ConfigError(f"bad options for {name}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SGD(UpdateRule):
+    """Plain stochastic gradient descent (Robbins and Monro, 1951)."""
+
+    lr: float = 0.01
+
+    def statements(self) -> list[tuple[str, str]]:
+        return [("param", "param - lr * grad")]
+
+
+@dataclass(frozen=True)
+class Adagrad(UpdateRule):
+    """Adagrad (Duchi, Hazan and Singer, 2011), the rule DistBelief's Downpour used:
+    each parameter's step shrinks with the root of its summed squared gradients."""
+
+    lr: float = 0.05
+    eps: float = 1e-7
+    initial_accumulator: float = 0.0
+
+    state: ClassVar[tuple[str, ...]] = ("accum",)
+
+    def statements(self) -> list[tuple[str, str]]:
+        return [("accum", "accum + grad * grad"),
+                ("param", "param - lr * grad / (sqrt(accum) + eps)")]
+
+    def init_state(self, size: int) -> dict[str, np.ndarray]:
+        return {"accum": np.full(size, self.initial_accumulator, np.float32)}

@@ -1,0 +1,120 @@
+"""The parameter shard: owns one contiguous slice of the parameters, answers fetches,
+applies pushed gradients in place with its update rule, and reports what it saw.
+
+Messages (dicts with an "op"):
+    fetch                     -> {"values", "version"}
+    push  grad, version       -> {"version", "staleness"}; UpdateRejected if bad
+    stats                     -> counters (updates, version, staleness, rejections)
+    checkpoint                -> {"values", "state", "version"}
+    restore values, state, version
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from .actor import Actor
+from .engine import Updater
+from .errors import UpdateRejected
+from .optim import UpdateRule
+from .registry import register_actor
+
+log = logging.getLogger("asyncdb.shard")
+
+
+@register_actor("asyncdb.ParameterShard")
+class ParameterShard(Actor):
+    borrow_arrays = True  # gradients are applied, never kept
+
+    def __init__(self, index: int, values: np.ndarray, optimizer: dict[str, Any],
+                 engine: str = "blocked", threads: int | None = None) -> None:
+        self.index = index
+        self.values = np.array(values, np.float32).reshape(-1)
+        self.updater = Updater(UpdateRule.from_config(optimizer), len(self.values),
+                               engine, threads)
+        self.version = 0
+        self.rejected = 0
+        self.staleness_sum = 0
+        self.staleness_max = 0
+        self.update_seconds = 0.0
+        self.fetches = 0
+        self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+
+    async def on_stop(self) -> None:
+        self.updater.close()
+
+    async def receive(self, message: dict[str, Any]) -> Any:
+        op = message.get("op") if isinstance(message, dict) else None
+        if op == "push":
+            result = self.push(message.get("grad"), message.get("version", self.version))
+            progress = message.get("progress")
+            if isinstance(progress, dict):
+                self.progress[str(progress.get("replica"))] = progress
+            return result
+        if op == "fetch":
+            self.fetches += 1
+            return {"values": self.values, "version": self.version}
+        if op == "stats":
+            return self.stats()
+        if op == "checkpoint":
+            return {"values": self.values.copy(), "version": self.version,
+                    "state": {k: v.copy() for k, v in self.updater.state.items()}}
+        if op == "restore":
+            return self.restore(message)
+        raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
+
+    def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
+        self._check(grad)
+        assert isinstance(grad, np.ndarray)
+        if not isinstance(fetched_version, int) or fetched_version < 0:
+            self.rejected += 1
+            raise UpdateRejected(f"shard {self.index}: bad version {fetched_version!r}")
+        start = time.perf_counter()
+        self.updater.apply(self.values, grad)
+        self.update_seconds += time.perf_counter() - start
+        staleness = max(0, self.version - fetched_version)
+        self.version += 1
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+        return {"version": self.version, "staleness": staleness}
+
+    def _check(self, grad: Any) -> None:
+        problem = None
+        if not isinstance(grad, np.ndarray):
+            problem = f"gradient must be an array, got {type(grad).__name__}"
+        elif grad.dtype != np.float32:
+            problem = f"gradient dtype {grad.dtype} is not float32"
+        elif grad.shape != self.values.shape:
+            problem = f"gradient shape {grad.shape} does not match slice {self.values.shape}"
+        elif not np.isfinite(grad).all():
+            problem = "gradient holds NaN or Inf"
+        if problem is not None:
+            self.rejected += 1
+            log.warning("shard %d rejected a push: %s", self.index, problem)
+            raise UpdateRejected(f"shard {self.index}: {problem}; parameters unchanged")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "size": len(self.values), "version": self.version,
+            "updates": self.version, "fetches": self.fetches, "rejected": self.rejected,
+            "staleness_mean": self.staleness_sum / self.version if self.version else 0.0,
+            "staleness_max": self.staleness_max, "update_seconds": self.update_seconds,
+            "engine": self.updater.engine, "threads": self.updater.threads,
+            "progress": self.progress,
+        }
+
+    def restore(self, message: dict[str, Any]) -> int:
+        values = np.asarray(message["values"], np.float32).reshape(-1)
+        if values.shape != self.values.shape:
+            raise UpdateRejected(f"shard {self.index}: checkpoint shape {values.shape} "
+                                 f"does not match {self.values.shape}")
+        self.values[...] = values
+        for name, state in (message.get("state") or {}).items():
+            if name in self.updater.state:
+                self.updater.state[name][...] = state
+        self.version = int(message.get("version", 0))
+        return self.version

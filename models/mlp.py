@@ -1,0 +1,124 @@
+"""Multi-layer perceptrons: ReLU hidden layers, softmax cross-entropy on the last."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .base import Model, Params
+
+
+class MLP(Model):
+    """`MLP([784, 512, 512, 10])`: parameters W0, b0, W1, b1, ... with W{i} of shape
+    (fan_in, fan_out); loss is the mean softmax cross-entropy over the batch.
+
+    Activations and their gradients live in buffers kept per batch size, so a training
+    step allocates nothing after the first.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"an MLP needs at least two positive layer sizes, got {sizes}")
+        self.sizes = sizes
+        self._buffers: dict[int, list[np.ndarray]] = {}
+
+    @property
+    def layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, (fan_in, fan_out) in enumerate(zip(self.sizes, self.sizes[1:], strict=False)):
+            shapes[f"W{i}"] = (fan_in, fan_out)
+            shapes[f"b{i}"] = (fan_out,)
+        return shapes
+
+    def init_params(self, rng: np.random.Generator) -> Params:
+        params: Params = {}
+        for i, (fan_in, fan_out) in enumerate(zip(self.sizes, self.sizes[1:], strict=False)):
+            scale = np.sqrt(2.0 / fan_in)  # He et al. 2015, for ReLU
+            params[f"W{i}"] = (rng.standard_normal((fan_in, fan_out)) * scale).astype(np.float32)
+            params[f"b{i}"] = np.zeros(fan_out, np.float32)
+        return params
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "sizes": list(self.sizes)}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.sizes == self.sizes  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self.sizes)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sizes})"
+
+    def _activations(self, batch: int, dtype: np.dtype[Any]) -> list[np.ndarray]:
+        acts = self._buffers.get(batch)
+        if acts is None or acts[0].dtype != dtype:
+            acts = [np.empty((batch, n), dtype) for n in self.sizes[1:]]
+            self._buffers = {batch: acts}  # keep one batch size: the training one
+        return acts
+
+    def _forward(self, params: Params, x: np.ndarray, acts: list[np.ndarray]) -> None:
+        h = x
+        last = self.layers - 1
+        for i in range(self.layers):
+            out = acts[i]
+            np.matmul(h, params[f"W{i}"], out=out)
+            out += params[f"b{i}"]
+            if i < last:
+                np.maximum(out, 0, out=out)
+            h = out
+
+    def loss_and_grad(self, params: Params, x: np.ndarray, y: np.ndarray,
+                      grads: Params | None = None) -> tuple[float, Params]:
+        dtype = params["W0"].dtype
+        x = np.asarray(x, dtype)
+        batch = len(x)
+        if grads is None:
+            grads = {name: np.empty(shape, dtype) for name, shape in self.param_shapes().items()}
+        acts = self._activations(batch, dtype)
+        self._forward(params, x, acts)
+        # Softmax cross-entropy, stable: shift by the row max.
+        logits = acts[-1]
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=1, keepdims=True)
+        rows = np.arange(batch)
+        picked = logits[rows, y]
+        loss = float(-np.log(np.maximum(picked, 1e-30)).mean())
+        delta = logits  # becomes dL/dz of the last layer, in place
+        delta[rows, y] -= 1.0
+        delta *= dtype.type(1.0 / batch)
+        for i in range(self.layers - 1, -1, -1):
+            h_in = x if i == 0 else acts[i - 1]
+            np.matmul(h_in.T, delta, out=grads[f"W{i}"])
+            np.sum(delta, axis=0, out=grads[f"b{i}"])
+            if i > 0:
+                upstream = np.matmul(delta, params[f"W{i}"].T)
+                upstream *= acts[i - 1] > 0  # ReLU gate
+                delta = upstream
+        return loss, grads
+
+    def predict(self, params: Params, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, params["W0"].dtype)
+        h = x
+        for i in range(self.layers):
+            h = h @ params[f"W{i}"] + params[f"b{i}"]
+            if i < self.layers - 1:
+                np.maximum(h, 0, out=h)
+        return np.asarray(h.argmax(axis=1))
+
+
+class SoftmaxRegression(MLP):
+    """Multinomial logistic regression: an MLP with no hidden layer."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__([n_in, n_out])
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "SoftmaxRegression", "n_in": self.sizes[0], "n_out": self.sizes[1]}

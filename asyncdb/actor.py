@@ -67,12 +67,17 @@ class ActorRef:
         the target's mailbox or its node's channel (waiting while that is full)."""
         await self._node.deliver_tell(self, message)
 
-    async def ask(self, message: Any, timeout: float | None = -1.0) -> Any:
+    async def ask(self, message: Any, timeout: float | None = -1.0,
+                  borrow: bool = False) -> Any:
         """Send and await the answer. Raises `Timeout` after `timeout` seconds (default:
         the node's `ask_timeout`; None waits for ever), `ActorDead` if the actor is
         gone, `ChannelClosed` if its node is, and the handler's error, typed, if it
-        raised."""
-        return await self._node.deliver_ask(self, message, timeout)
+        raised.
+
+        `borrow=True`: large arrays in the answer may be views into the shared-memory
+        ring, saving a copy; copy what you need and drop them soon (as `borrow_arrays`
+        on actors)."""
+        return await self._node.deliver_ask(self, message, timeout, borrow)
 
     def __asyncdb_ref__(self) -> list[str]:
         return [self.node_id, self.name]

@@ -66,11 +66,12 @@ class Run:
 class Cluster:
     """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
 
-    def __init__(self, mode: str, shards: int, replicas: int, *,
+    def __init__(self, mode: str, shards: int, replicas: int, *, colocate: bool = False,
                  ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> None:
         if shards < 1 or replicas < 1:
             raise ConfigError("a cluster needs at least one shard and one replica")
         self.mode = mode
+        self.colocate = colocate
         self.shards = shards
         self.replicas = replicas
         self.ring_bytes = ring_bytes
@@ -85,15 +86,17 @@ class Cluster:
 
     @classmethod
     def local(cls, shards: int = 2, replicas: int = 2, **options: Any) -> Cluster:
-        """One node process per shard and per replica on this host, shm rings between."""
+        """One node process per shard and per replica on this host, shm rings between;
+        with `colocate=True`, one process per replica, shard i living in replica
+        i % replicas's process (fewer processes than cores to share)."""
         return cls("local", shards, replicas, **options)
 
     async def __aenter__(self) -> Cluster:
         self.node = Node("driver", ask_timeout=self.ask_timeout)
         if self.mode == "local":
             extra = {} if self.ring_bytes is None else {"ring_bytes": self.ring_bytes}
-            self.nodes = LocalNodes(self.node, self.shards + self.replicas, prefix="node",
-                                    **extra)
+            count = self.replicas if self.colocate else self.shards + self.replicas
+            self.nodes = LocalNodes(self.node, count, prefix="node", **extra)
             try:
                 await self.nodes.start()
             except BaseException:
@@ -115,6 +118,8 @@ class Cluster:
         if self.nodes is None:
             return [self.node.id] * self.shards, [self.node.id] * self.replicas
         ids = self.nodes.ids
+        if self.colocate:
+            return [ids[i % self.replicas] for i in range(self.shards)], ids
         return ids[: self.shards], ids[self.shards :]
 
     async def train(self, model: Model, data: Dataset, *,
@@ -138,8 +143,9 @@ class Cluster:
         bounds = layout.shard_bounds(self.shards)
         initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
         if shard_threads is None:
+            processes = self.replicas if self.colocate else self.shards + self.replicas
             shard_threads = (default_threads() if self.mode == "inproc"
-                             else default_threads(self.shards + self.replicas))
+                             else default_threads(processes))
         n = len(data.x_train)
         edges = [n * i // self.replicas for i in range(self.replicas + 1)]
         slices = [[lo, hi] for lo, hi in zip(edges, edges[1:], strict=False)]

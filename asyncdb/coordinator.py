@@ -58,7 +58,7 @@ class Coordinator(Actor):
 
         async def one(i: int) -> None:
             lo, hi = self.bounds[i]
-            flat[lo:hi] = (await self.shards[i].ask({"op": "fetch"}))["values"]
+            flat[lo:hi] = (await self.shards[i].ask({"op": "fetch"}, borrow=True))["values"]
 
         await asyncio.gather(*(one(i) for i in range(len(self.shards))))
         return flat
@@ -124,8 +124,8 @@ class Coordinator(Actor):
                 summaries[index] = _merge(summaries.get(index), result)
             if pending:
                 await self.evaluate(self.eval_rows, len(replicas) - len(lost))
+        seconds = time.perf_counter() - self._started  # training only, not the final test
         final = await self.evaluate(None, len(replicas) - len(lost))
-        seconds = time.perf_counter() - self._started
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0

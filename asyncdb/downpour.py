@@ -175,7 +175,7 @@ class Replica(Actor):
 
     async def _fetch(self) -> None:
         async def one(i: int) -> None:
-            reply = await self.shards[i].ask({"op": "fetch"})
+            reply = await self.shards[i].ask({"op": "fetch"}, borrow=True)
             lo, hi = self.bounds[i]
             self.params[lo:hi] = reply["values"]
             self.versions[i] = int(reply["version"])

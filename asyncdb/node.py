@@ -59,7 +59,7 @@ class Node:
         self._channels: dict[str, Channel] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._hello: dict[str, asyncio.Future[Any]] = {}
-        self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Any], str, bool]] = {}
         self._ids = itertools.count(1)
         self._names = itertools.count(1)
         self._peer_lost: list[PeerLost] = []
@@ -149,7 +149,8 @@ class Node:
         await self._channel(ref.node_id).send(
             codec.encode_message(codec.TELL, [ref.name], message))
 
-    async def deliver_ask(self, ref: ActorRef, message: Any, timeout: float | None) -> Any:
+    async def deliver_ask(self, ref: ActorRef, message: Any, timeout: float | None,
+                          borrow: bool = False) -> Any:
         if timeout is not None and timeout < 0:
             timeout = self.ask_timeout
         future: asyncio.Future[Any] = self.loop.create_future()
@@ -163,7 +164,7 @@ class Node:
             channel = self._channel(ref.node_id)
             ask_id = next(self._ids)
             frame = codec.encode_message(codec.ASK, [ref.name, ask_id], message)
-            self._pending[ask_id] = (future, ref.node_id)
+            self._pending[ask_id] = (future, ref.node_id, borrow)
         handle = None if timeout is None else self.loop.call_later(
             timeout, _expire, future, ref, timeout)
         try:
@@ -293,7 +294,7 @@ class Node:
         if hello is not None and not hello.done():
             hello.set_exception(ChannelClosed(f"node {peer} closed before saying hello"))
             hello.exception()  # retrieved here: nobody may be waiting
-        for ask_id, (future, target) in list(self._pending.items()):
+        for ask_id, (future, target, _borrow) in list(self._pending.items()):
             if target == peer and not future.done():
                 del self._pending[ask_id]
                 future.set_exception(ChannelClosed(f"node {peer} is gone: {error}"))
@@ -334,11 +335,12 @@ class Node:
             entry = self._pending.pop(meta[0], None) if isinstance(meta[0], int) else None
             if entry is None:
                 return None  # the asker timed out or went away
-            future = entry[0]
+            future, _peer, borrow = entry
             if future.done():
                 return None
             if kind == codec.REPLY:
-                future.set_result(codec.own_arrays(meta[1]) if frame.borrowed else meta[1])
+                own = frame.borrowed and not borrow
+                future.set_result(codec.own_arrays(meta[1]) if own else meta[1])
             elif isinstance(meta[1], dict):
                 future.set_exception(error_from_remote(meta[1]))
             else:
@@ -382,7 +384,7 @@ class Node:
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        for future, _peer in self._pending.values():
+        for future, _peer, _borrow in self._pending.values():
             if not future.done():
                 future.set_exception(ChannelClosed(f"node {self.id} closed"))
         self._pending.clear()

@@ -54,21 +54,35 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return _split("digits", x, y, test_fraction, seed)
 
 
-def teacher(n: int = 200_000, features: int = 784, classes: int = 10, hidden: int = 64,
-            test: int = 10_000, seed: int = 0) -> Dataset:
-    """Gaussian inputs labelled by the argmax of a fixed random one-hidden-layer
-    network: learnable by a wide enough student, never perfectly by a narrow one."""
+def teacher(n: int = 200_000, features: int = 784, classes: int = 10, latent: int = 32,
+            hidden: int = 64, margin: float = 0.4, noise: float = 0.1, test: int = 10_000,
+            seed: int = 0) -> Dataset:
+    """A synthetic task labelled by a fixed random teacher network.
+
+    Inputs lie near a random `latent`-dimensional subspace of R^features (plus
+    Gaussian noise), as real data lies near a low-dimensional manifold; the label is the
+    argmax of a random tanh network with `hidden` units, and only examples whose top
+    teacher logit beats the runner-up by `margin` are kept, so the classes are
+    separable and a student can learn them in about one epoch.
+    """
     rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((latent, features)).astype(np.float32) / np.sqrt(latent)
     w1 = rng.standard_normal((features, hidden)).astype(np.float32) / np.sqrt(features)
     w2 = rng.standard_normal((hidden, classes)).astype(np.float32) / np.sqrt(hidden)
     total = n + test
     x = np.empty((total, features), np.float32)
     y = np.empty(total, np.int64)
-    for start in range(0, total, 50_000):
-        stop = min(start + 50_000, total)
-        block = rng.standard_normal((stop - start, features), dtype=np.float32)
-        x[start:stop] = block
-        y[start:stop] = (np.tanh(block @ w1) @ w2).argmax(axis=1)
+    filled = 0
+    while filled < total:
+        z = rng.standard_normal((50_000, latent), dtype=np.float32)
+        block = z @ basis
+        block += noise * rng.standard_normal(block.shape, dtype=np.float32)
+        logits = np.tanh(block @ w1) @ w2
+        top2 = np.partition(logits, -2, axis=1)[:, -2:]
+        keep = np.flatnonzero(top2[:, 1] - top2[:, 0] > margin)[: total - filled]
+        x[filled:filled + len(keep)] = block[keep]
+        y[filled:filled + len(keep)] = logits[keep].argmax(axis=1)
+        filled += len(keep)
     return Dataset(f"teacher-{n}", x[:n], y[:n], x[n:], y[n:])
 
 

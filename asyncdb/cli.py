@@ -40,10 +40,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    run(train(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncdb", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
+    from .train import add_arguments
+
+    train = sub.add_parser("train", help="train with Downpour SGD (defaults work as they are)")
+    add_arguments(train)
+    train.set_defaults(func=_train)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")

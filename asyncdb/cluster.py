@@ -7,6 +7,8 @@ The same `await cluster.train(...)` runs on both.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from asyncdb.models import Model
+from asyncdb.transport.shm import DEFAULT_RING_BYTES
 
 from .actor import ActorRef
 from .coordinator import Coordinator, Progress
@@ -78,6 +81,7 @@ class Cluster:
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
         self.nodes: LocalNodes | None = None
+        self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
 
     @classmethod
     def inproc(cls, shards: int = 1, replicas: int = 1, **options: Any) -> Cluster:
@@ -94,9 +98,9 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         self.node = Node("driver", ask_timeout=self.ask_timeout)
         if self.mode == "local":
-            extra = {} if self.ring_bytes is None else {"ring_bytes": self.ring_bytes}
             count = self.replicas if self.colocate else self.shards + self.replicas
-            self.nodes = LocalNodes(self.node, count, prefix="node", **extra)
+            self.nodes = LocalNodes(self.node, count, prefix="node",
+                                    ring_bytes=self.ring_bytes or DEFAULT_RING_BYTES)
             try:
                 await self.nodes.start()
             except BaseException:
@@ -148,7 +152,7 @@ class Cluster:
                              else default_threads(processes))
         n = len(data.x_train)
         edges = [n * i // self.replicas for i in range(self.replicas + 1)]
-        slices = [[lo, hi] for lo, hi in zip(edges, edges[1:], strict=False)]
+        slices = [[lo, hi] for lo, hi in itertools.pairwise(edges)]
         if any(hi - lo < algorithm.batch_size for lo, hi in slices):
             raise ConfigError(f"{n} training rows cannot give each of {self.replicas} "
                               f"replicas a batch of {algorithm.batch_size}")
@@ -172,6 +176,7 @@ class Cluster:
                     "engine": engine, "threads": shard_threads})
                 shards.append(ref)
             spawned += shards
+            self._live = (layout, shards, bounds)
             replicas = []
             for i in range(self.replicas):
                 ref = await node.spawn(Replica, node=replica_nodes[i], config={
@@ -191,6 +196,7 @@ class Cluster:
                  "warm_start_steps": algorithm.warm_start_steps}, timeout=None)
             flat = await coordinator.ask({"op": "params"})
         finally:
+            self._live = None
             await self._stop(spawned)
             if shared is not None:
                 shared.close()
@@ -203,6 +209,20 @@ class Cluster:
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
                     "engine": engine, "shard_threads": shard_threads, "seed": seed,
                     "data": data.name})
+
+    async def parameters(self) -> dict[str, np.ndarray]:
+        """The current parameters of the run in progress, fetched from its shards."""
+        if self._live is None:
+            raise ConfigError("no training run is in progress")
+        layout, shards, bounds = self._live
+        flat = np.empty(layout.size, np.float32)
+
+        async def one(shard: ActorRef, lo: int, hi: int) -> None:
+            flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
+
+        await asyncio.gather(*(one(ref, lo, hi) for ref, (lo, hi) in zip(shards, bounds,
+                                                                         strict=True)))
+        return layout.views(flat)
 
     async def _stop(self, refs: list[ActorRef]) -> None:
         assert self.node is not None

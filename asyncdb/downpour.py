@@ -85,9 +85,20 @@ class RateLimit:
             self._bytes -= nbytes
         return True
 
+    def delay(self, nbytes: int) -> float:
+        """Seconds until an operation of `nbytes` would be allowed."""
+        self._refill()
+        wait = 0.0
+        if self.ops_per_s is not None:
+            wait = max(wait, (1.0 - self._ops) / self.ops_per_s)
+        if self.bytes_per_s is not None:
+            wait = max(wait, (min(nbytes, self.bytes_per_s) - self._bytes) / self.bytes_per_s)
+        return wait
+
     async def take(self, nbytes: int) -> None:
-        while not self.try_take(nbytes):
-            await asyncio.sleep(0.005)
+        """Wait until the limits allow one operation of `nbytes`, then take it."""
+        while not self.try_take(nbytes):  # noqa: ASYNC110 (waiting on time, not an event)
+            await asyncio.sleep(max(self.delay(nbytes), 0.001))
 
 
 @register_actor("asyncdb.Replica")

@@ -3,6 +3,7 @@ split into contiguous shards of nearly equal size (the slicer)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,4 +48,4 @@ class ParameterLayout:
         if not 1 <= shards <= max(1, self.size):
             raise ConfigError(f"cannot split {self.size} parameters into {shards} shards")
         edges = [self.size * i // shards for i in range(shards + 1)]
-        return list(zip(edges, edges[1:], strict=False))
+        return list(itertools.pairwise(edges))

@@ -48,7 +48,7 @@ class MLP(Model):
         return {"type": type(self).__name__, "sizes": list(self.sizes)}
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.sizes == self.sizes  # type: ignore[attr-defined]
+        return isinstance(other, MLP) and type(other) is type(self) and other.sizes == self.sizes
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, tuple(self.sizes)))

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -41,7 +42,7 @@ class Dataset:
 def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float,
            seed: int) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
+    n_test = round(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return Dataset(name, np.ascontiguousarray(x[train]), np.ascontiguousarray(y[train]),
                    np.ascontiguousarray(x[test]), np.ascontiguousarray(y[test]))
@@ -86,7 +87,7 @@ def teacher(n: int = 200_000, features: int = 784, classes: int = 10, latent: in
     return Dataset(f"teacher-{n}", x[:n], y[:n], x[n:], y[n:])
 
 
-_LOADERS = {"digits": digits, "teacher": teacher}
+_LOADERS: dict[str, Callable[..., Dataset]] = {"digits": digits, "teacher": teacher}
 
 
 def names() -> list[str]:
@@ -96,7 +97,10 @@ def names() -> list[str]:
 def load(name: str, **options: int | float) -> Dataset:
     """A data set by name: ``digits`` (shipped) or ``teacher`` (generated)."""
     try:
-        loader = _LOADERS[name]
+        loader: Callable[..., Dataset] = _LOADERS[name]
     except KeyError:
         raise ConfigError(f"unknown data set {name!r}; known: {names()}") from None
-    return loader(**options)  # type: ignore[operator]
+    try:
+        return loader(**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for data set {name!r}: {exc}") from exc

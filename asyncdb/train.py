@@ -1,0 +1,112 @@
+"""`asyncdb train`: Downpour SGD from the command line, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from asyncdb.models import MLP
+
+from . import datasets
+from .cluster import Cluster, Run
+from .downpour import Downpour
+from .optim import SGD, Adagrad, UpdateRule
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--data", default="digits", choices=datasets.names(), help="data set (default digits)")
+    add("--examples", type=int, help="teacher data: training examples")
+    add("--hidden", default="128", help="hidden layer sizes, comma-separated ('' for none)")
+    add("--replicas", type=int, default=2, help="model replicas (default 2)")
+    add("--shards", type=int, default=2, help="parameter shards (default 2)")
+    add("--inproc", action="store_true", help="all actors in this process")
+    add("--colocate", action="store_true", help="shards live in the replicas' processes")
+    add("--epochs", type=float, default=20.0, help="passes over the training data")
+    add("--batch-size", type=int, default=32)
+    add("--optimizer", choices=["adagrad", "sgd"], default="adagrad")
+    add("--lr", type=float, help="learning rate (adagrad 0.05, sgd 0.1)")
+    add("--n-fetch", type=int, default=1, help="steps between parameter fetches")
+    add("--n-push", type=int, default=1, help="steps between gradient pushes")
+    add("--fetch-rate", type=float, help="fetches per second per replica")
+    add("--push-rate", type=float, help="pushes per second per replica")
+    add("--fetch-bytes-rate", type=float, help="fetched bytes per second per replica")
+    add("--push-bytes-rate", type=float, help="pushed bytes per second per replica")
+    add("--warm-start", type=int, default=0, metavar="STEPS",
+        help="steps replica 0 trains alone before the others join")
+    add("--engine", choices=["blocked", "numexpr"], default="blocked",
+        help="how shards apply updates")
+    add("--seed", type=int, default=0)
+    add("--eval-every", type=float, default=0.5, help="seconds between evaluations")
+    add("--history", type=Path, help="where to write the run's history "
+                                     "(default runs/train-<time>.json)")
+
+
+class ProgressBar:
+    """One line, redrawn in place on a terminal; one line per update elsewhere."""
+
+    def __init__(self, total: int, out: TextIO = sys.stdout) -> None:
+        self.total = max(1, total)
+        self.out = out
+        self.tty = out.isatty()
+
+    def update(self, entry: dict[str, Any]) -> None:
+        done = min(1.0, entry["examples"] / self.total)
+        width = 24
+        bar = "#" * int(done * width) + "-" * (width - int(done * width))
+        loss = "   -  " if entry["loss"] is None else f"{entry['loss']:.4f}"
+        line = (f"[{bar}] {done:6.1%}  loss {loss}  test acc {entry['test_accuracy']:.4f}  "
+                f"{entry['examples_per_s']:9.0f} ex/s  staleness {entry['staleness_mean']:.2f}")
+        if self.tty:
+            self.out.write("\r" + line)
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+def _optimizer(args: argparse.Namespace) -> UpdateRule:
+    if args.optimizer == "sgd":
+        return SGD(lr=args.lr if args.lr is not None else 0.1)
+    return Adagrad(lr=args.lr if args.lr is not None else 0.05)
+
+
+async def train(args: argparse.Namespace) -> Run:
+    options: dict[str, int] = {} if args.examples is None else {"n": args.examples}
+    data = datasets.load(args.data, **options)
+    hidden = [int(h) for h in str(args.hidden).split(",") if h.strip()]
+    model = MLP([data.n_features, *hidden, data.n_classes])
+    algorithm = Downpour(
+        n_fetch=args.n_fetch, n_push=args.n_push, batch_size=args.batch_size,
+        fetch_rate=args.fetch_rate, push_rate=args.push_rate,
+        fetch_bytes_rate=args.fetch_bytes_rate, push_bytes_rate=args.push_bytes_rate,
+        warm_start_steps=args.warm_start)
+    optimizer = _optimizer(args)
+    cluster = (Cluster.inproc(args.shards, args.replicas) if args.inproc
+               else Cluster.local(args.shards, args.replicas, colocate=args.colocate))
+    where = "in this process" if args.inproc else "in node processes on this host"
+    print(f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
+          f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
+          f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")
+    bar = ProgressBar(int(args.epochs * len(data.x_train)))
+    async with cluster:
+        run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
+                                  epochs=args.epochs, seed=args.seed,
+                                  eval_every=args.eval_every, engine=args.engine,
+                                  on_progress=bar.update)
+    bar.close()
+    final = run.final
+    print(f"done in {run.seconds:.2f} s: test accuracy {final['test_accuracy']:.4f}, "
+          f"loss {final['loss']:.4f}, {final['examples_per_s']:.0f} examples/s, "
+          f"{final['updates']} shard updates, staleness mean {final['staleness_mean']:.2f} "
+          f"max {final['staleness_max']}"
+          + (f", lost replicas {run.lost}" if run.lost else ""))
+    path = args.history or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    print(f"history: {run.save(path)}")
+    return run

@@ -1,0 +1,82 @@
+"""An aiohttp web app that trains in the background and serves predictions from the
+shards' current parameters while training goes on.
+
+    python examples/embed_aiohttp.py [--port 8080] [--epochs 200]
+    curl localhost:8080/status
+    curl -X POST localhost:8080/predict -d '{"rows": [[0, 0, 5, 13, ...64 pixels]]}'
+
+Training runs in node processes (`Cluster.local`), so the app's event loop only routes
+messages: requests are answered at once, whatever the replicas are doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+import asyncdb
+from asyncdb.models import MLP
+
+CLUSTER = web.AppKey("cluster", asyncdb.Cluster)
+STATE = web.AppKey("state", dict)
+
+
+async def status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"training": state["training"], "latest": state["latest"]})
+
+
+async def predict(request: web.Request) -> web.Response:
+    body = await request.json()
+    rows = np.asarray(body.get("rows"), np.float32)
+    model: MLP = request.app[STATE]["model"]
+    if rows.ndim != 2 or rows.shape[1] != model.sizes[0]:
+        raise web.HTTPBadRequest(text=f"rows must be a list of {model.sizes[0]}-vectors")
+    cluster = request.app[CLUSTER]
+    state = request.app[STATE]
+    params = await cluster.parameters() if state["training"] else state["final"]
+    return web.json_response({"classes": model.predict(params, rows).tolist(),
+                              "training": state["training"]})
+
+
+async def training(app: web.Application, epochs: float) -> None:
+    state = app[STATE]
+    run = await app[CLUSTER].train(
+        state["model"], state["data"], algorithm=asyncdb.Downpour(batch_size=32),
+        optimizer=asyncdb.Adagrad(lr=0.05), epochs=epochs, eval_every=0.2,
+        on_progress=lambda entry: state.update(latest=entry))
+    state.update(training=False, final=run.params, latest=run.final)
+
+
+def make_app(epochs: float = 200, replicas: int = 1, shards: int = 1) -> web.Application:
+    app = web.Application()
+    data = asyncdb.datasets.load("digits")
+    app[STATE] = {"training": True, "latest": None, "final": None, "data": data,
+                  "model": MLP([data.n_features, 128, data.n_classes])}
+    app[CLUSTER] = asyncdb.Cluster.local(shards=shards, replicas=replicas)
+
+    async def lifetime(app: web.Application) -> Any:
+        async with app[CLUSTER]:
+            task = asyncio.create_task(training(app, epochs))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.cleanup_ctx.append(lifetime)
+    app.router.add_get("/status", status)
+    app.router.add_post("/predict", predict)
+    return app
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--epochs", type=float, default=200)
+    args = parser.parse_args()
+    web.run_app(make_app(args.epochs), port=args.port)

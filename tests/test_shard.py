@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import asyncdb
+from asyncdb import ParameterLayout
+
+
+@pytest.fixture
+async def shard():
+    async with asyncdb.Node("ps") as node:
+        values = np.arange(10, dtype=np.float32)
+        ref = await node.spawn(asyncdb.ParameterShard, config={
+            "index": 0, "values": values, "optimizer": asyncdb.SGD(lr=0.5).to_config(),
+            "threads": 1})
+        yield ref
+
+
+async def test_fetch_push_and_staleness(shard):
+    fetched = await shard.ask({"op": "fetch"})
+    assert fetched["version"] == 0
+    np.testing.assert_array_equal(fetched["values"], np.arange(10))
+    grad = np.ones(10, np.float32)
+    assert (await shard.ask({"op": "push", "grad": grad, "version": 0}))["staleness"] == 0
+    assert (await shard.ask({"op": "push", "grad": grad, "version": 0}))["staleness"] == 1
+    values = (await shard.ask({"op": "fetch"}))["values"]
+    np.testing.assert_allclose(values, np.arange(10) - 1.0)
+    stats = await shard.ask({"op": "stats"})
+    assert stats["updates"] == 2 and stats["staleness_max"] == 1
+    assert stats["staleness_mean"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("grad", "reason"),
+    [
+        (np.ones(9, np.float32), "shape"),
+        (np.ones((10, 1), np.float32), "shape"),
+        (np.ones(10, np.float64), "dtype"),
+        (np.array([np.nan] + [0.0] * 9, np.float32), "NaN"),
+        (np.array([np.inf] + [0.0] * 9, np.float32), "NaN or Inf"),
+        ([1.0] * 10, "must be an array"),
+    ],
+)
+async def test_bad_pushes_are_rejected_and_change_nothing(shard, grad, reason):
+    before = (await shard.ask({"op": "fetch"}))["values"].copy()
+    with pytest.raises(asyncdb.UpdateRejected, match=reason):
+        await shard.ask({"op": "push", "grad": grad, "version": 0})
+    after = await shard.ask({"op": "fetch"})
+    np.testing.assert_array_equal(after["values"], before)
+    assert after["version"] == 0
+    assert (await shard.ask({"op": "stats"}))["rejected"] == 1
+
+
+async def test_bad_version_is_rejected(shard):
+    with pytest.raises(asyncdb.UpdateRejected, match="version"):
+        await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": -3})
+
+
+async def test_checkpoint_and_restore(shard):
+    await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": 0})
+    saved = await shard.ask({"op": "checkpoint"})
+    await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": 1})
+    assert await shard.ask({"op": "restore", **saved}) == 1
+    values = (await shard.ask({"op": "fetch"}))["values"]
+    np.testing.assert_allclose(values, np.arange(10) - 0.5)
+    with pytest.raises(asyncdb.UpdateRejected):
+        await shard.ask({"op": "restore", "values": np.zeros(3), "version": 0})
+
+
+def test_layout_views_and_balanced_bounds():
+    layout = ParameterLayout({"W0": (3, 4), "b0": (4,), "W1": (4, 2)})
+    assert layout.size == 24
+    flat = np.arange(24, dtype=np.float32)
+    views = layout.views(flat)
+    assert views["b0"].tolist() == [12, 13, 14, 15] and views["W1"].shape == (4, 2)
+    assert np.shares_memory(views["W0"], flat)
+    bounds = layout.shard_bounds(5)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 24
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+    np.testing.assert_array_equal(layout.flatten(views), flat)
+    with pytest.raises(asyncdb.ConfigError):
+        layout.shard_bounds(0)

@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from .errors import AsyncDBError
 from .loop import run
 
 
@@ -47,6 +49,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import client_ssl, read_secret, serve, server_ssl
+
+    run(serve(args.listen, read_secret(args.secret_file), name=args.name,
+              ssl_context=server_ssl(args.cert, args.key),
+              dial_ssl=client_ssl(args.ca, args.insecure), imports=tuple(args.imports),
+              max_frame_bytes=args.max_frame_bytes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncdb", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -56,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with Downpour SGD (defaults work as they are)")
     add_arguments(train)
     train.set_defaults(func=_train)
+    serve = sub.add_parser("serve", help="run a node that other hosts' drivers can use")
+    serve.add_argument("--listen", required=True, metavar="HOST:PORT")
+    serve.add_argument("--secret-file", required=True, type=Path,
+                       help="file holding the secret shared by every node and driver")
+    serve.add_argument("--name", help="this node's name (default HOSTNAME:PORT)")
+    serve.add_argument("--cert", help="TLS certificate (PEM): serve wss://")
+    serve.add_argument("--key", help="TLS private key (PEM)")
+    serve.add_argument("--ca", help="CA bundle to verify wss:// peers this node dials")
+    serve.add_argument("--insecure", action="store_true",
+                       help="do not verify wss:// peers' certificates")
+    serve.add_argument("--import", dest="imports", action="append", default=[],
+                       metavar="MODULE", help="import a module that registers actor types")
+    serve.add_argument("--max-frame-bytes", type=int, default=1 << 30,
+                       help="largest frame a peer may send (default 1 GiB)")
+    serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -75,7 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except AsyncDBError as exc:
+        print(f"asyncdb {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

@@ -1,8 +1,9 @@
 """Placement and the training entry point.
 
 `Cluster.inproc` puts every actor in the caller's event loop; `Cluster.local` starts
-one node process per shard and per replica on this host, linked by shared-memory rings.
-The same `await cluster.train(...)` runs on both.
+one node process per shard and per replica on this host, linked by shared-memory rings;
+`Cluster.connect` uses nodes on other hosts (`asyncdb serve`) over websockets. The same
+`await cluster.train(...)` runs on all three.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import asyncio
 import itertools
 import json
 import math
+import os
+import socket
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from asyncdb.models import Model
+from asyncdb.transport import ws
 from asyncdb.transport.shm import DEFAULT_RING_BYTES
 
 from .actor import ActorRef
@@ -70,11 +76,17 @@ class Cluster:
     """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
 
     def __init__(self, mode: str, shards: int, replicas: int, *, colocate: bool = False,
-                 ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> None:
+                 ring_bytes: int | None = None, ask_timeout: float | None = 120.0,
+                 peers: Sequence[str] = (), secret: bytes = b"",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if shards < 1 or replicas < 1:
             raise ConfigError("a cluster needs at least one shard and one replica")
         self.mode = mode
         self.colocate = colocate
+        self.peer_urls = list(peers)
+        self.peer_ids: list[str] = []
+        self.secret = secret
+        self.ssl_context = ssl_context
         self.shards = shards
         self.replicas = replicas
         self.ring_bytes = ring_bytes
@@ -95,8 +107,28 @@ class Cluster:
         i % replicas's process (fewer processes than cores to share)."""
         return cls("local", shards, replicas, **options)
 
+    @classmethod
+    def connect(cls, peers: Sequence[str], secret: bytes | str, *, shards: int | None = None,
+                replicas: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                **options: Any) -> Cluster:
+        """Nodes on other hosts, started with `asyncdb serve`, reached over websockets
+        (ws:// or wss://). Shards and replicas are spread over the peers in turn; each
+        replica's slice of the training data is streamed to it from the driver."""
+        if not peers:
+            raise ConfigError("Cluster.connect needs at least one peer URL")
+        key = secret.encode() if isinstance(secret, str) else secret
+        return cls("remote", shards or len(peers), replicas or len(peers), peers=peers,
+                   secret=key, ssl_context=ssl_context, **options)
+
     async def __aenter__(self) -> Cluster:
-        self.node = Node("driver", ask_timeout=self.ask_timeout)
+        name = "driver" if self.mode != "remote" else f"driver-{socket.gethostname()}-{os.getpid()}"
+        self.node = Node(name, ask_timeout=self.ask_timeout)
+        if self.mode == "remote":
+            try:
+                await self._connect_peers()
+            except BaseException:
+                await self.close()
+                raise
         if self.mode == "local":
             count = self.replicas if self.colocate else self.shards + self.replicas
             self.nodes = LocalNodes(self.node, count, prefix="node",
@@ -111,6 +143,20 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _connect_peers(self) -> None:
+        assert self.node is not None
+        for url in self.peer_urls:
+            channel = await ws.connect(url, self.secret, self.node.id,
+                                       ssl_context=self.ssl_context)
+            if channel.peer in self.peer_ids:
+                await channel.close()
+                raise ConfigError(f"two peer URLs reach the same node {channel.peer!r}")
+            self.node.connect(channel.peer, channel)
+            self.peer_ids.append(channel.peer)
+        for i, peer in enumerate(self.peer_ids):  # replicas talk to shards directly
+            for url in self.peer_urls[i + 1:]:
+                await self.node.ref(peer, "_system").ask({"op": "dial", "url": url})
+
     async def close(self) -> None:
         if self.nodes is not None:
             await self.nodes.close()
@@ -119,6 +165,10 @@ class Cluster:
 
     def _placement(self) -> tuple[list[str], list[str]]:
         assert self.node is not None
+        if self.mode == "remote":
+            ids = self.peer_ids
+            return ([ids[i % len(ids)] for i in range(self.shards)],
+                    [ids[(self.shards + i) % len(ids)] for i in range(self.replicas)])
         if self.nodes is None:
             return [self.node.id] * self.shards, [self.node.id] * self.replicas
         ids = self.nodes.ids
@@ -149,7 +199,8 @@ class Cluster:
         if shard_threads is None:
             processes = self.replicas if self.colocate else self.shards + self.replicas
             shard_threads = (default_threads() if self.mode == "inproc"
-                             else default_threads(processes))
+                             else default_threads(processes) if self.mode == "local"
+                             else None)  # remote: the peer's own cores decide
         n = len(data.x_train)
         edges = [n * i // self.replicas for i in range(self.replicas + 1)]
         slices = [[lo, hi] for lo, hi in itertools.pairwise(edges)]
@@ -163,10 +214,14 @@ class Cluster:
             per_replica = [math.ceil(steps / self.replicas)] * self.replicas
         shared = None
         if self.mode == "inproc":
-            spec = inline_arrays({"x": data.x_train, "y": data.y_train})
-        else:
+            specs = [inline_arrays({"x": data.x_train, "y": data.y_train})] * self.replicas
+        elif self.mode == "local":
             shared = SharedArrays({"x": data.x_train, "y": data.y_train})
-            spec = shared.spec
+            specs = [shared.spec] * self.replicas
+        else:  # each remote replica gets its own slice, streamed with its config
+            specs = [inline_arrays({"x": data.x_train[lo:hi], "y": data.y_train[lo:hi]})
+                     for lo, hi in slices]
+            slices = [[0, hi - lo] for lo, hi in slices]
         spawned: list[ActorRef] = []
         try:
             shards = []
@@ -181,7 +236,7 @@ class Cluster:
             for i in range(self.replicas):
                 ref = await node.spawn(Replica, node=replica_nodes[i], config={
                     "index": i, "model": model.to_config(), "shards": shards,
-                    "bounds": [list(b) for b in bounds], "data": spec,
+                    "bounds": [list(b) for b in bounds], "data": specs[i],
                     "algorithm": algorithm.to_config(), "seed": seed})
                 replicas.append(ref)
             spawned += replicas

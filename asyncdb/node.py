@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from asyncdb.transport.base import Channel
@@ -66,6 +66,8 @@ class Node:
         self._closed = asyncio.Event()
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
+        # How this node opens a channel to a node at a URL (set by `asyncdb serve`).
+        self.dialer: Callable[[str], Awaitable[str]] | None = None
         self._spawn_cell(SYSTEM, SystemActor, None)
 
     # -- actors -----------------------------------------------------------------
@@ -425,7 +427,11 @@ class SystemActor(Actor):
             await node.stop_actor(str(message["name"]))
             return None
         if op == "ping":
-            return {"node": node.id, "actors": node.actors()}
+            return {"node": node.id, "actors": node.actors(), "peers": node.peers()}
+        if op == "dial":
+            if node.dialer is None:
+                raise ConfigError(f"node {node.id} cannot dial other nodes")
+            return await node.dialer(str(message["url"]))
         if op == "shutdown":
             node.loop.call_soon(lambda: node.background(node.close()))
             return None

@@ -13,6 +13,7 @@ from asyncdb.models import MLP
 from . import datasets
 from .cluster import Cluster, Run
 from .downpour import Downpour
+from .errors import ConfigError
 from .optim import SGD, Adagrad, UpdateRule
 
 
@@ -24,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--replicas", type=int, default=2, help="model replicas (default 2)")
     add("--shards", type=int, default=2, help="parameter shards (default 2)")
     add("--inproc", action="store_true", help="all actors in this process")
+    add("--peers", help="comma-separated ws:// or wss:// URLs of `asyncdb serve` nodes")
+    add("--secret-file", type=Path, help="with --peers: the shared secret")
+    add("--ca", help="with wss:// peers: CA bundle to verify them")
+    add("--insecure", action="store_true", help="with wss:// peers: skip verification")
     add("--colocate", action="store_true", help="shards live in the replicas' processes")
     add("--epochs", type=float, default=20.0, help="passes over the training data")
     add("--batch-size", type=int, default=32)
@@ -88,9 +93,22 @@ async def train(args: argparse.Namespace) -> Run:
         fetch_bytes_rate=args.fetch_bytes_rate, push_bytes_rate=args.push_bytes_rate,
         warm_start_steps=args.warm_start)
     optimizer = _optimizer(args)
-    cluster = (Cluster.inproc(args.shards, args.replicas) if args.inproc
-               else Cluster.local(args.shards, args.replicas, colocate=args.colocate))
-    where = "in this process" if args.inproc else "in node processes on this host"
+    if args.peers:
+        from .serve import client_ssl, read_secret
+
+        if args.secret_file is None:
+            raise ConfigError("--peers needs --secret-file")
+        urls = [u.strip() for u in args.peers.split(",") if u.strip()]
+        cluster = Cluster.connect(urls, read_secret(args.secret_file), shards=args.shards,
+                                  replicas=args.replicas,
+                                  ssl_context=client_ssl(args.ca, args.insecure))
+        where = f"on {len(urls)} peers"
+    elif args.inproc:
+        cluster = Cluster.inproc(args.shards, args.replicas)
+        where = "in this process"
+    else:
+        cluster = Cluster.local(args.shards, args.replicas, colocate=args.colocate)
+        where = "in node processes on this host"
     print(f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
           f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")

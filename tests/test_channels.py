@@ -68,20 +68,25 @@ async def test_frame_larger_than_the_buffer(pair):
 
 async def test_backpressure_makes_the_sender_wait_and_drops_nothing(pair):
     a, b = pair
+    count, size = 1024, 16384  # 64 KiB frames, 64 MiB in all: more than any buffer
     sent = 0
 
     async def produce():
         nonlocal sent
-        for i in range(200):
-            await a.send(frame(i, 2000))  # 8 KB each, 1.6 MB in all
+        for i in range(count):
+            await a.send(frame(i, size))
             sent += 1
 
     task = asyncio.create_task(produce())
-    await asyncio.sleep(0.2)
-    assert sent < 200, "a full buffer must make the sender wait"
-    received = [(await asyncio.wait_for(b.receive(), 10)).meta for _ in range(200)]
+    before = -1
+    while sent != before:  # wait until the sender stops making progress
+        before = sent
+        await asyncio.sleep(0.3)
+    assert sent < count, "a full buffer must make the sender wait"
+    for i in range(count):
+        got = await asyncio.wait_for(b.receive(), 10)
+        assert got.meta == str(i).encode() and got.arrays[0][0] == i
     await task
-    assert received == [str(i).encode() for i in range(200)]
 
 
 async def test_close_delivers_what_was_sent_then_raises(pair):

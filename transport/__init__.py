@@ -3,12 +3,13 @@ in-process, shared-memory and websocket transports. Knows nothing of actors."""
 
 from __future__ import annotations
 
-from . import inproc, shm
+from . import inproc, shm, ws
 from .base import Channel, open_pair, register_transport, transport_schemes
 from .errors import AsyncDBError, AuthenticationError, ChannelClosed, DecodeError, MessageTooLarge
 from .frame import Frame, FrameDecoder, OutFrame, encode_frame, parse_frame
 from .inproc import InprocChannel
 from .shm import ShmChannel, ShmEndpoint, create_link
+from .ws import WsChannel
 
 __all__ = [
     "AsyncDBError",
@@ -23,6 +24,7 @@ __all__ = [
     "OutFrame",
     "ShmChannel",
     "ShmEndpoint",
+    "WsChannel",
     "create_link",
     "encode_frame",
     "inproc",
@@ -31,4 +33,5 @@ __all__ = [
     "register_transport",
     "shm",
     "transport_schemes",
+    "ws",
 ]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DecodeError, MessageTooLarge
+from .pool import BufferPool
 
 HEADER = struct.Struct("<2sBBHHIQ")
 MAGIC = b"AD"
@@ -105,6 +106,31 @@ class OutFrame:
             dest[: self.nbytes] = self.segments[0][1]
         else:
             self.copy_range(0, self.nbytes, dest)
+
+    def pieces(self, limit: int, small: int = 64 << 10) -> Iterator[bytes | memoryview]:
+        """The frame as consecutive pieces of at most `limit` bytes, in order: large
+        array buffers as zero-copy slices, everything else merged into small copies."""
+        pending = bytearray()
+        pos = 0
+        for seg_start, seg in self.segments:
+            if seg_start > pos:
+                pending += _ZEROS[: seg_start - pos]
+            pos = seg_start + len(seg)
+            if len(seg) < small:
+                pending += seg
+                if len(pending) >= limit:
+                    yield from (bytes(pending[i:i + limit]) for i in range(0, len(pending), limit))
+                    pending = bytearray()
+                continue
+            if pending:
+                yield bytes(pending)
+                pending = bytearray()
+            for i in range(0, len(seg), limit):
+                yield seg[i:i + limit]
+        if pos < self.nbytes:
+            pending += _ZEROS[: self.nbytes - pos]
+        if pending:
+            yield bytes(pending)
 
     def chunks(self, size: int) -> Iterator[bytes]:
         """The frame as consecutive byte strings of at most `size` bytes."""
@@ -261,8 +287,10 @@ class FrameDecoder:
     be in step, so every later `feed` raises again: close the connection.
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 pool: BufferPool | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
+        self.pool = pool
         self._head = bytearray()
         self._body: np.ndarray | None = None
         self._filled = 0
@@ -293,7 +321,8 @@ class FrameDecoder:
                 if len(self._head) < HEADER.size:
                     break
                 total = check_header(self._head, self.max_frame_bytes)
-                self._body = np.empty(total, np.uint8)
+                self._body = (np.empty(total, np.uint8) if self.pool is None
+                               else self.pool.take(total))
                 self._body[: HEADER.size] = np.frombuffer(self._head, np.uint8)
                 self._filled = HEADER.size
                 self._head.clear()

@@ -1,0 +1,113 @@
+"""`asyncdb serve`: a node that drivers and other nodes reach over websockets.
+
+Peers must prove they hold the shared secret before anything they send is read.
+Actors are created here only from registered type names (the built-in shard and replica,
+and those of modules named with --import), from plain-data configs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from asyncdb.transport import ws
+
+from .errors import ConfigError
+from .node import Node
+
+log = logging.getLogger("asyncdb.serve")
+
+
+def read_secret(path: str | Path) -> bytes:
+    """The shared secret from a file (surrounding whitespace ignored)."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file: {exc}") from exc
+    if len(secret) < 16:
+        raise ConfigError("the secret must be at least 16 bytes long")
+    return secret
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def server_ssl(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("TLS needs both --cert and --key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def client_ssl(ca: str | None = None, insecure: bool = False) -> ssl.SSLContext | None:
+    """For wss:// peers: verify against `ca` (or the system's), or not at all."""
+    if ca is None and not insecure:
+        return None
+    context = ssl.create_default_context(cafile=ca)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def dial(node: Node, url: str, secret: bytes,
+               ssl_context: ssl.SSLContext | None = None) -> str:
+    """Connect `node` to the node serving at `url`; return that node's name."""
+    channel = await ws.connect(url, secret, node.id, ssl_context=ssl_context)
+    if channel.peer in node.peers():
+        await channel.close()
+        return channel.peer
+    node.connect(channel.peer, channel)
+    return channel.peer
+
+
+async def serve(listen: str, secret: bytes, *, name: str | None = None,
+                ssl_context: ssl.SSLContext | None = None,
+                dial_ssl: ssl.SSLContext | None = None, imports: tuple[str, ...] = (),
+                max_frame_bytes: int = 1 << 30,
+                ready: Callable[[str, int], None] | None = None) -> None:
+    """Run a node until SIGINT or SIGTERM (or until it is closed)."""
+    for module in imports:
+        importlib.import_module(module)
+    host, port = parse_listen(listen)
+    node = Node(name or f"{socket.gethostname()}:{port}", allow_import=False)
+    node.dialer = lambda url: dial(node, url, secret, dial_ssl)
+
+    async def on_channel(peer: str, channel: ws.WsChannel) -> None:
+        if peer in node.peers() or peer == node.id:
+            log.warning("refused a second connection from a node named %r", peer)
+            await channel.close()
+            return
+        log.info("node %s: %s connected", node.id, peer)
+        node.connect(peer, channel)
+
+    runner = await ws.listen(host, port, secret, node.id, on_channel,
+                             ssl_context=ssl_context, max_frame_bytes=max_frame_bytes)
+    bound = ws.bound_port(runner)
+    scheme = "wss" if ssl_context else "ws"
+    print(f"asyncdb serve: node {node.id} listening on {scheme}://{host}:{bound}", flush=True)
+    if ready is not None:
+        ready(host, bound)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, lambda: node.background(node.close()))
+    try:
+        await node.wait_closed()
+    finally:
+        await node.close()
+        await runner.cleanup()

@@ -78,7 +78,8 @@ class Cluster:
     def __init__(self, mode: str, shards: int, replicas: int, *, colocate: bool = False,
                  ring_bytes: int | None = None, ask_timeout: float | None = 120.0,
                  peers: Sequence[str] = (), secret: bytes = b"",
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 heartbeat: float = ws.DEFAULT_HEARTBEAT) -> None:
         if shards < 1 or replicas < 1:
             raise ConfigError("a cluster needs at least one shard and one replica")
         self.mode = mode
@@ -87,6 +88,7 @@ class Cluster:
         self.peer_ids: list[str] = []
         self.secret = secret
         self.ssl_context = ssl_context
+        self.heartbeat = heartbeat
         self.shards = shards
         self.replicas = replicas
         self.ring_bytes = ring_bytes
@@ -147,7 +149,7 @@ class Cluster:
         assert self.node is not None
         for url in self.peer_urls:
             channel = await ws.connect(url, self.secret, self.node.id,
-                                       ssl_context=self.ssl_context)
+                                       ssl_context=self.ssl_context, heartbeat=self.heartbeat)
             if channel.peer in self.peer_ids:
                 await channel.close()
                 raise ConfigError(f"two peer URLs reach the same node {channel.peer!r}")

@@ -1,8 +1,12 @@
-"""The event loop: uvloop where it is installed, asyncio's own elsewhere."""
+"""The event loop: uvloop where it is installed, asyncio's own elsewhere.
+
+Set ASYNCDB_LOOP=asyncio to use asyncio's own loop even where uvloop is installed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -10,6 +14,8 @@ T = TypeVar("T")
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if os.environ.get("ASYNCDB_LOOP", "uvloop") == "asyncio":
+        return None
     try:
         import uvloop
     except ImportError:

@@ -37,11 +37,9 @@ def registered_types() -> list[str]:
 
 
 def type_name(cls: type[Actor]) -> str:
-    """The name another process resolves back to `cls`: its registered name if any,
-    else `module:qualname` (trusted processes on this host may import it)."""
-    for name, known in _TYPES.items():
-        if known is cls:
-            return name
+    """The name another process resolves back to `cls`: `module:qualname`. A network
+    peer resolves it only to a class registered there; processes this host spawned may
+    also import it."""
     module = MAIN_ALIAS if cls.__module__ == "__main__" else cls.__module__
     return f"{module}:{cls.__qualname__}"
 
@@ -54,6 +52,9 @@ def resolve(name: str, allow_import: bool) -> type[Actor]:
     cls = _TYPES.get(name)
     if cls is not None:
         return cls
+    for known in _TYPES.values():
+        if type_name(known) == name:
+            return known
     if ":" not in name or not allow_import:
         raise ConfigError(f"unknown actor type {name!r}; registered: {registered_types()}")
     module_name, _, qualname = name.partition(":")

@@ -279,12 +279,43 @@ def parse_frame(
     return Frame(kind, flags, meta, arrays)
 
 
+def array_spans(head: bytes | bytearray | memoryview | np.ndarray) -> list[tuple[int, int]] | None:
+    """(offset, nbytes) of each array of the frame whose first bytes are `head`, or
+    None while `head` does not yet hold the whole array table. No validation: the
+    complete frame is still checked by `parse_frame`."""
+    raw = head.data if isinstance(head, np.ndarray) else memoryview(head)
+    if len(raw) < HEADER.size:
+        return None
+    _m, _v, _k, _f, n_arrays, meta_len, _t = HEADER.unpack_from(raw)
+    pos, sizes = HEADER.size, []
+    for _ in range(n_arrays):
+        if pos + _TABLE_ENTRY.size > len(raw):
+            return None
+        code, ndim = _TABLE_ENTRY.unpack_from(raw, pos)
+        pos += _TABLE_ENTRY.size
+        if pos + ndim * _DIM.size > len(raw) or code >= len(_DTYPES):
+            return None
+        count = 1
+        for dim in struct.unpack_from(f"<{ndim}Q", raw, pos):
+            count *= dim
+        pos += ndim * _DIM.size
+        sizes.append(count * _DTYPES[code].itemsize)
+    spans, offset = [], align(pos + meta_len)
+    for nbytes in sizes:
+        spans.append((offset, nbytes))
+        offset = align(offset + nbytes)
+    return spans
+
+
 class FrameDecoder:
     """Turns a byte stream into frames: `feed(bytes) -> list[Frame]`.
 
     A frame's bytes are copied once, into a buffer of the frame's own size; its arrays
-    are views into that buffer. After a `DecodeError` the stream cannot be trusted to
-    be in step, so every later `feed` raises again: close the connection.
+    are views into that buffer. Where a fed `bytes` object is exactly one array's
+    buffer (a sender that sends each array as a message of its own), that array is
+    read from the object itself, read-only, with no copy. After a `DecodeError` the
+    stream cannot be trusted to be in step, so every later `feed` raises again: close
+    the connection.
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -295,6 +326,9 @@ class FrameDecoder:
         self._body: np.ndarray | None = None
         self._filled = 0
         self._error: DecodeError | None = None
+        self._spans: dict[int, int] | None = None  # array offset -> nbytes, once known
+        self._adopted: dict[int, bytes] = {}
+        self._data: bytes | bytearray | memoryview = b""
 
     @property
     def buffered(self) -> int:
@@ -304,6 +338,7 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if self._error is not None:
             raise DecodeError(f"stream already failed: {self._error}")
+        self._data = data
         try:
             return self._feed(memoryview(data).cast("B"))
         except DecodeError as exc:
@@ -326,12 +361,35 @@ class FrameDecoder:
                 self._body[: HEADER.size] = np.frombuffer(self._head, np.uint8)
                 self._filled = HEADER.size
                 self._head.clear()
+                self._spans, self._adopted = None, {}
             body = self._body
-            take = min(len(body) - self._filled, n - i)
-            body[self._filled : self._filled + take] = np.frombuffer(mv[i : i + take], np.uint8)
-            self._filled += take
-            i += take
+            if self._spans is None:
+                spans = array_spans(body[: self._filled])
+                if spans is not None:
+                    self._spans = dict(spans)
+            if (i == 0 and isinstance(self._data, bytes) and self._spans
+                    and self._spans.get(self._filled) == n):
+                self._adopted[self._filled] = self._data  # the whole message is one array
+                self._filled += n
+                i = n
+            else:
+                take = min(len(body) - self._filled, n - i)
+                body[self._filled : self._filled + take] = np.frombuffer(mv[i : i + take],
+                                                                         np.uint8)
+                self._filled += take
+                i += take
             if self._filled == len(body):
                 self._body = None
-                frames.append(parse_frame(body, self.max_frame_bytes))
+                frames.append(self._finish(body))
         return frames
+
+    def _finish(self, body: np.ndarray) -> Frame:
+        frame = parse_frame(body, self.max_frame_bytes)
+        if self._adopted and self._spans is not None:
+            for index, offset in enumerate(self._spans):
+                data = self._adopted.get(offset)
+                if data is not None:
+                    old = frame.arrays[index]
+                    frame.arrays[index] = np.frombuffer(data, old.dtype).reshape(old.shape)
+        self._adopted = {}
+        return frame

@@ -18,6 +18,7 @@ import numpy as np
 from ..actor import Actor, ActorRef
 from ..node import Node
 from ..process import LocalNodes
+from ..registry import register_actor
 
 BULK_BYTES = 16 << 20
 BULK_RING_BYTES = 64 << 20
@@ -114,18 +115,22 @@ def handoff_gbps(nbytes: int = BULK_BYTES, n: int = 48) -> float:
             os.close(fd)
 
 
+@register_actor("asyncdb.bench.Sink")
 class Sink(Actor):
-    """Receives bulk arrays and copies each into its own buffer; counts small tells."""
+    """Receives bulk arrays (copying each into its own buffer when `copy`); counts
+    small tells."""
 
     borrow_arrays = True
 
-    def __init__(self, nbytes: int = 0) -> None:
+    def __init__(self, nbytes: int = 0, copy: bool = True) -> None:
         self.buffer = np.empty(nbytes // 4, np.float32)
+        self.copy = copy
         self.received = 0
 
     async def receive(self, message: Any) -> Any:
         if isinstance(message, np.ndarray):
-            np.copyto(self.buffer, message)
+            if self.copy:
+                np.copyto(self.buffer, message)
             self.received += 1
             return None
         if message == "count":
@@ -159,10 +164,9 @@ class Driver(Actor):
         return time.perf_counter() - start
 
 
-async def _timed(node: Node, nodes: LocalNodes, op: str, n: int, nbytes: int,
-                 repeat: int) -> list[float]:
-    first, second = nodes.ids
-    sink = await node.spawn(Sink, node=second, config={"nbytes": nbytes})
+async def _timed(node: Node, first: str, second: str, op: str, n: int, nbytes: int,
+                 repeat: int, copy: bool = True) -> list[float]:
+    sink = await node.spawn(Sink, node=second, config={"nbytes": nbytes, "copy": copy})
     driver = await node.spawn(Driver, node=first)
     times = []
     for _ in range(repeat):
@@ -172,17 +176,20 @@ async def _timed(node: Node, nodes: LocalNodes, op: str, n: int, nbytes: int,
 
 
 async def run(repeat: int = 5, bulk_messages: int = 64, asks: int = 3000,
-              tells: int = 100_000) -> dict[str, Any]:
+              tells: int = 100_000, ws_messages: int = 64) -> dict[str, Any]:
     samples: dict[str, list[float]] = {"memcpy_gbps": [], "eventfd_rtt_us": [],
                                        "handoff_gbps": []}
     async with Node("bench") as node, LocalNodes(node, 2, ring_bytes=BULK_RING_BYTES) as nodes:
-        bulk = await _timed(node, nodes, "bulk", bulk_messages, BULK_BYTES, repeat)
-        rtt = await _timed(node, nodes, "ask", asks, 0, repeat)
-        tell = await _timed(node, nodes, "tell", tells, 0, repeat)
+        first, second = nodes.ids
+        bulk = await _timed(node, first, second, "bulk", bulk_messages, BULK_BYTES, repeat)
+        rtt = await _timed(node, first, second, "ask", asks, 0, repeat)
+        tell = await _timed(node, first, second, "tell", tells, 0, repeat)
+    ws_figures = await websocket_figures(repeat, ws_messages, asks)
     for _ in range(repeat):
         samples["memcpy_gbps"].append(memcpy_gbps())
         samples["eventfd_rtt_us"].append(eventfd_rtt_us())
         samples["handoff_gbps"].append(handoff_gbps())
+    samples.update(ws_figures.pop("samples"))
     samples["shm_bulk_gbps"] = [bulk_messages * BULK_BYTES / t / 1e9 for t in bulk]
     samples["ask_rtt_us"] = [t / asks * 1e6 for t in rtt]
     samples["tell_msgs_per_s"] = [tells / t for t in tell]
@@ -197,8 +204,118 @@ async def run(repeat: int = 5, bulk_messages: int = 64, asks: int = 3000,
         "ask_rtt_us": round(med["ask_rtt_us"], 1),
         "ask_rtt_ratio": round(med["ask_rtt_us"] / med["eventfd_rtt_us"], 3),
         "tell_msgs_per_s": round(med["tell_msgs_per_s"]),
+        **ws_figures,
         "message_bytes": BULK_BYTES,
         "ring_bytes": BULK_RING_BYTES,
         "repeat": repeat,
         "samples": {k: [round(x, 3) for x in v] for k, v in samples.items()},
+    }
+
+
+WS_BYTES = 4 << 20
+
+_BARE_SERVER = textwrap.dedent("""
+    import sys
+    from aiohttp import web, WSMsgType
+
+    async def handler(request):
+        ws = web.WebSocketResponse(max_msg_size=8 << 20, compress=False)
+        await ws.prepare(request)
+        count = 0
+        async for message in ws:
+            if message.type == WSMsgType.BINARY:
+                count += 1
+            elif message.type == WSMsgType.TEXT:
+                await ws.send_str(str(count))
+        return ws
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        print(site._server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+
+    import asyncio
+    from asyncdb.loop import run
+    run(main())  # the same event loop as asyncdb's own nodes, for a like-for-like figure
+""")
+
+
+async def _bare_aiohttp(n: int, repeat: int) -> list[float]:
+    """A bare aiohttp client sending `n` binary messages to a bare aiohttp server in
+    another process, acknowledged at the end: seconds per round."""
+    import aiohttp
+
+    server = subprocess.Popen([sys.executable, "-c", _BARE_SERVER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        payload = np.ones(WS_BYTES // 4, np.float32).tobytes()
+        times = []
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"http://127.0.0.1:{port}/", max_msg_size=8 << 20, compress=0) as ws:
+            for _ in range(repeat + 1):
+                start = time.perf_counter()
+                for _ in range(n):
+                    await ws.send_bytes(payload)
+                await ws.send_str("count")
+                await ws.receive()
+                times.append(time.perf_counter() - start)
+        return times[1:]
+    finally:
+        server.terminate()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+async def websocket_figures(repeat: int, n: int, asks: int) -> dict[str, Any]:
+    """Actors in this process and in an `asyncdb serve` process, over a websocket on
+    loopback, against bare aiohttp moving the same messages in the same direction."""
+    import os
+    import secrets
+    import tempfile
+
+    from asyncdb.transport import ws
+
+    secret = secrets.token_hex(32).encode()
+    with tempfile.NamedTemporaryFile("wb", delete=False) as f:
+        f.write(secret)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0", "--secret-file",
+         f.name, "--name", "bench-peer", "--import", "asyncdb.bench.transport"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split()[-1]
+        os.unlink(f.name)
+        async with Node("bench-driver") as node:
+            channel = await ws.connect(url, secret, node.id)
+            node.connect(channel.peer, channel)
+            ours = await _timed(node, node.id, channel.peer, "bulk", n, WS_BYTES, repeat + 1,
+                                copy=False)
+            rtt = await _timed(node, node.id, channel.peer, "ask", asks, 0, repeat)
+        bare = await _bare_aiohttp(n, repeat)
+    finally:
+        server.terminate()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+    ws_gbps = [n * WS_BYTES / t / 1e9 for t in ours[1:]]  # the first round warms up
+    bare_gbps = [n * WS_BYTES / t / 1e9 for t in bare]
+    ws_med, bare_med = statistics.median(ws_gbps), statistics.median(bare_gbps)
+    rtt_us = [t / asks * 1e6 for t in rtt]
+    return {
+        "ws_bulk_gbps": round(ws_med, 3),
+        "aiohttp_bulk_gbps": round(bare_med, 3),
+        "ws_bulk_ratio": round(ws_med / bare_med, 3),
+        "ws_rtt_us": round(statistics.median(rtt_us), 1),
+        "ws_message_bytes": WS_BYTES,
+        "samples": {"ws_bulk_gbps": ws_gbps, "aiohttp_bulk_gbps": bare_gbps,
+                    "ws_rtt_us": rtt_us},
     }

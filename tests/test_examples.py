@@ -50,3 +50,9 @@ async def test_embedded_app_answers_while_training():
         assert not final["training"]
         assert final["latest"]["test_accuracy"] > 0.9
         assert np.isfinite(final["latest"]["loss"])
+
+
+def test_multihost_example():
+    run = load("multihost").main(epochs=8)
+    assert run.final["test_accuracy"] > 0.9
+    assert run.final["replicas"] == 2

@@ -88,7 +88,9 @@ class WsChannel(Channel):
         try:
             async with self._send_lock:  # the pieces of one frame must not interleave
                 for piece in frame.pieces(PIECE_BYTES):
-                    await self.ws.send_bytes(piece)
+                    # aiohttp takes any bytes-like object, memoryviews included (it
+                    # checks at run time); its annotation says bytes.
+                    await self.ws.send_bytes(piece)  # type: ignore[arg-type]
         except (ConnectionError, RuntimeError) as exc:
             await self._finish(f"({exc})")
             raise ChannelClosed(f"websocket to {self.peer} broke: {exc}") from exc
@@ -137,15 +139,22 @@ class WsChannel(Channel):
                 await self._on_close()
 
 
+def _fields(message: aiohttp.WSMessage, *names: str) -> list[str]:
+    """The named string fields of a JSON text message; AuthenticationError if absent."""
+    try:
+        if message.type != aiohttp.WSMsgType.TEXT:
+            raise TypeError(message.type)
+        data = json.loads(message.data)
+        return [str(data[name]) for name in names]
+    except (TypeError, KeyError, ValueError):
+        raise AuthenticationError(f"expected a handshake message with {names}") from None
+
+
 async def _server_handshake(ws: web.WebSocketResponse, secret: bytes, node: str) -> str:
     challenge = secrets.token_hex(32)
     await ws.send_str(json.dumps({"asyncdb": 1, "challenge": challenge, "node": node}))
-    message = await ws.receive(timeout=AUTH_TIMEOUT)
-    try:
-        answer = json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else None
-        peer, nonce, proof = str(answer["node"]), str(answer["nonce"]), str(answer["proof"])
-    except (TypeError, KeyError, ValueError):
-        raise AuthenticationError("peer did not answer the challenge") from None
+    peer, nonce, proof = _fields(await ws.receive(timeout=AUTH_TIMEOUT),
+                                 "node", "nonce", "proof")
     if not hmac.compare_digest(proof, _proof(secret, "client", challenge, nonce, peer)):
         raise AuthenticationError(f"peer calling itself {peer!r} failed the challenge")
     await ws.send_str(json.dumps({"proof": _proof(secret, "server", challenge, nonce, node)}))
@@ -154,22 +163,14 @@ async def _server_handshake(ws: web.WebSocketResponse, secret: bytes, node: str)
 
 async def _client_handshake(ws: aiohttp.ClientWebSocketResponse, secret: bytes,
                             node: str) -> str:
-    message = await ws.receive(timeout=AUTH_TIMEOUT)
-    try:
-        hello = json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else None
-        challenge, peer = str(hello["challenge"]), str(hello["node"])
-    except (TypeError, KeyError, ValueError):
-        raise AuthenticationError("server did not send an asyncdb challenge") from None
+    challenge, peer = _fields(await ws.receive(timeout=AUTH_TIMEOUT), "challenge", "node")
     nonce = secrets.token_hex(32)
     await ws.send_str(json.dumps({"node": node, "nonce": nonce,
                                   "proof": _proof(secret, "client", challenge, nonce, node)}))
     message = await ws.receive(timeout=AUTH_TIMEOUT)
     if message.type != aiohttp.WSMsgType.TEXT:
         raise AuthenticationError(f"server {peer!r} refused us (wrong secret?)")
-    try:
-        proof = str(json.loads(message.data)["proof"])
-    except (TypeError, KeyError, ValueError):
-        raise AuthenticationError("server sent a malformed proof") from None
+    (proof,) = _fields(message, "proof")
     if not hmac.compare_digest(proof, _proof(secret, "server", challenge, nonce, peer)):
         raise AuthenticationError(f"server {peer!r} failed the challenge")
     return peer

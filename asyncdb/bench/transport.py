@@ -6,6 +6,7 @@ noisy machine: memcpy and a raw eventfd ping-pong are measured beside the actors
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import subprocess
 import sys
@@ -250,11 +251,11 @@ async def _bare_aiohttp(n: int, repeat: int) -> list[float]:
     another process, acknowledged at the end: seconds per round."""
     import aiohttp
 
-    server = subprocess.Popen([sys.executable, "-c", _BARE_SERVER], stdout=subprocess.PIPE,
-                              text=True)
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", _BARE_SERVER,
+                                                  stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline())
+        port = int(await server.stdout.readline())
         payload = np.ones(WS_BYTES // 4, np.float32).tobytes()
         times = []
         async with aiohttp.ClientSession() as session, session.ws_connect(
@@ -269,9 +270,7 @@ async def _bare_aiohttp(n: int, repeat: int) -> list[float]:
         return times[1:]
     finally:
         server.terminate()
-        server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+        await server.wait()
 
 
 async def websocket_figures(repeat: int, n: int, asks: int) -> dict[str, Any]:
@@ -286,13 +285,13 @@ async def websocket_figures(repeat: int, n: int, asks: int) -> dict[str, Any]:
     secret = secrets.token_hex(32).encode()
     with tempfile.NamedTemporaryFile("wb", delete=False) as f:
         f.write(secret)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0", "--secret-file",
-         f.name, "--name", "bench-peer", "--import", "asyncdb.bench.transport"],
-        stdout=subprocess.PIPE, text=True)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0", "--secret-file",
+        f.name, "--name", "bench-peer", "--import", "asyncdb.bench.transport",
+        stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None
-        url = server.stdout.readline().split()[-1]
+        url = (await server.stdout.readline()).decode().split()[-1]
         os.unlink(f.name)
         async with Node("bench-driver") as node:
             channel = await ws.connect(url, secret, node.id)
@@ -303,9 +302,7 @@ async def websocket_figures(repeat: int, n: int, asks: int) -> dict[str, Any]:
         bare = await _bare_aiohttp(n, repeat)
     finally:
         server.terminate()
-        server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+        await server.wait()
     ws_gbps = [n * WS_BYTES / t / 1e9 for t in ours[1:]]  # the first round warms up
     bare_gbps = [n * WS_BYTES / t / 1e9 for t in bare]
     ws_med, bare_med = statistics.median(ws_gbps), statistics.median(bare_gbps)

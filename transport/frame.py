@@ -344,6 +344,8 @@ class FrameDecoder:
         except DecodeError as exc:
             self._error = exc
             raise
+        finally:
+            self._data = b""  # adopted messages are referenced by their arrays alone
 
     def _feed(self, mv: memoryview) -> list[Frame]:
         frames: list[Frame] = []

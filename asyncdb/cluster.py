@@ -8,7 +8,6 @@ one node process per shard and per replica on this host, linked by shared-memory
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ from .node import Node
 from .optim import Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
-from .shard import ParameterShard
+from .shard import ParameterShard, fetch_parameters
 
 
 @dataclass
@@ -272,14 +271,7 @@ class Cluster:
         if self._live is None:
             raise ConfigError("no training run is in progress")
         layout, shards, bounds = self._live
-        flat = np.empty(layout.size, np.float32)
-
-        async def one(shard: ActorRef, lo: int, hi: int) -> None:
-            flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
-
-        await asyncio.gather(*(one(ref, lo, hi) for ref, (lo, hi) in zip(shards, bounds,
-                                                                         strict=True)))
-        return layout.views(flat)
+        return layout.views(await fetch_parameters(shards, bounds, layout.size))
 
     async def _stop(self, refs: list[ActorRef]) -> None:
         assert self.node is not None

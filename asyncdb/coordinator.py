@@ -19,6 +19,7 @@ from .actor import Actor, ActorRef
 from .errors import ActorDead, ChannelClosed
 from .params import ParameterLayout
 from .registry import register_actor
+from .shard import fetch_parameters
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -54,14 +55,7 @@ class Coordinator(Actor):
         raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
 
     async def params(self) -> np.ndarray:
-        flat = np.empty(self.layout.size, np.float32)
-
-        async def one(i: int) -> None:
-            lo, hi = self.bounds[i]
-            flat[lo:hi] = (await self.shards[i].ask({"op": "fetch"}, borrow=True))["values"]
-
-        await asyncio.gather(*(one(i) for i in range(len(self.shards))))
-        return flat
+        return await fetch_parameters(self.shards, self.bounds, self.layout.size)
 
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()

@@ -113,7 +113,7 @@ class LocalNodes:
         fds = [fd for _peer, end in links for fd in end.fds()]
         popen = subprocess.Popen(
             [sys.executable, "-m", "asyncdb.nodeproc"], stdin=subprocess.PIPE,
-            pass_fds=fds, env=env, start_new_session=False)
+            pass_fds=fds, env=env)
         assert popen.stdin is not None
         popen.stdin.write(json.dumps(config).encode())
         popen.stdin.close()

@@ -11,13 +11,15 @@ Messages (dicts with an "op"):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .actor import Actor
+from .actor import Actor, ActorRef
 from .engine import Updater
 from .errors import UpdateRejected
 from .optim import UpdateRule
@@ -118,3 +120,15 @@ class ParameterShard(Actor):
                 self.updater.state[name][...] = state
         self.version = int(message.get("version", 0))
         return self.version
+
+
+async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],
+                           size: int) -> np.ndarray:
+    """The whole flat parameter vector, fetched from every shard at once."""
+    flat = np.empty(size, np.float32)
+
+    async def one(shard: ActorRef, lo: int, hi: int) -> None:
+        flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
+
+    await asyncio.gather(*(one(s, lo, hi) for s, (lo, hi) in zip(shards, bounds, strict=True)))
+    return flat

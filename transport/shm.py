@@ -147,8 +147,7 @@ class ShmChannel(Channel):
         self._space_waiter: asyncio.Future[None] | None = None
         # Reader state.
         self._read_pos = int(self._ctl[self._r + _READ_POS])
-        self._held: deque[list[Any]] = deque()
-        self._held_bytes = 0
+        self._held: deque[list[Any]] = deque()  # [end, released] per record, in order
         self._pool = BufferPool()
         self._assembly: np.ndarray | None = None
         self._assembled = 0
@@ -323,7 +322,7 @@ class ShmChannel(Channel):
             body = pos + _RECORD_BYTES
             self._read_pos += length
             if kind == WHOLE:
-                self._take_whole(body, nbytes, length)
+                self._take_whole(body, nbytes)
                 continue
             if kind == PAD:
                 self._consumed(self._read_pos)
@@ -331,7 +330,7 @@ class ShmChannel(Channel):
                 self._take_piece(kind, ring_in[body : body + nbytes], total)
                 self._consumed(self._read_pos)
 
-    def _take_whole(self, body: int, nbytes: int, length: int) -> None:
+    def _take_whole(self, body: int, nbytes: int) -> None:
         end = self._read_pos
         keep = nbytes >= INPLACE_MIN_BYTES
         if keep:
@@ -348,9 +347,8 @@ class ShmChannel(Channel):
             return
         self.stats["frames_received"] += 1
         if keep and frame.arrays:
-            entry = [end, False, length]
+            entry = [end, False]
             self._held.append(entry)
-            self._held_bytes += length
             weakref.finalize(region, self._release, entry)
             frame.borrowed = True
             self.stats["in_place"] += 1
@@ -387,7 +385,7 @@ class ShmChannel(Channel):
 
     def _consumed(self, end: int) -> None:
         if self._held:
-            self._held.append([end, True, 0])
+            self._held.append([end, True])
         else:
             self._set_tail(end)
 
@@ -397,7 +395,6 @@ class ShmChannel(Channel):
                 self._loop.call_soon_threadsafe(self._release, entry)
             return
         entry[1] = True
-        self._held_bytes -= entry[2]
         if self._closed:
             return
         end = None

@@ -29,6 +29,21 @@ log = logging.getLogger("asyncdb.process")
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMEXPR_NUM_THREADS", "NUMEXPR_MAX_THREADS", "VECLIB_MAXIMUM_THREADS")
+# Copies of 4 MiB and more (frames into and out of the rings) use non-temporal stores:
+# they skip the read-for-ownership of cache lines the other process reads next. glibc
+# on x86 otherwise starts only near the size of the last-level cache. Kept if the user
+# set GLIBC_TUNABLES; ignored by other C libraries.
+NODE_TUNABLES = "glibc.cpu.x86_non_temporal_threshold=0x400000"
+
+
+def node_environment(threads: int | None) -> dict[str, str]:
+    """The environment node processes start with."""
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", NODE_TUNABLES)
+    if threads is not None:
+        for var in THREAD_VARS:
+            env[var] = str(threads)
+    return env
 
 
 @dataclass
@@ -106,10 +121,7 @@ class LocalNodes:
             "sys_path": sys.path, "main": main, "imports": list(self.imports),
             "log_level": logging.getLogger("asyncdb").getEffectiveLevel(),
         }
-        env = dict(os.environ)
-        if self.threads_per_node is not None:
-            for var in THREAD_VARS:
-                env[var] = str(self.threads_per_node)
+        env = node_environment(self.threads_per_node)
         fds = [fd for _peer, end in links for fd in end.fds()]
         popen = subprocess.Popen(
             [sys.executable, "-m", "asyncdb.nodeproc"], stdin=subprocess.PIPE,

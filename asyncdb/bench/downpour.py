@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,7 @@ def update_ratio(size: int, engine: str, threads: int, repeat: int = 15) -> floa
     accum, scratch = np.zeros(size, np.float32), np.empty(size, np.float32)
     rule = Adagrad()
     updater = Updater(rule, size, engine, threads)
-    steps = {
+    steps: dict[str, Callable[[], None]] = {
         "plain": lambda: numpy_adagrad(param, grad, accum, scratch, rule.lr, rule.eps),
         "ours": lambda: updater.apply(param, grad),
     }

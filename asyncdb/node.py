@@ -63,6 +63,7 @@ class Node:
         self._ids = itertools.count(1)
         self._names = itertools.count(1)
         self._peer_lost: list[PeerLost] = []
+        self._owned: dict[str, list[str]] = {}  # peer -> actors it spawned here
         self._closed = asyncio.Event()
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -80,7 +81,7 @@ class Node:
         if node is not None and node != self.id:
             tname = actor_type if isinstance(actor_type, str) else type_name(actor_type)
             request = {"op": "spawn", "type": tname, "name": name, "config": config or {},
-                       "policy": None if policy is None else str(policy)}
+                       "policy": None if policy is None else str(policy), "owner": self.id}
             ref: ActorRef = await self.ref(node, SYSTEM).ask(request)
             return ref
         cls = resolve(actor_type, self.allow_import) if isinstance(actor_type, str) else actor_type
@@ -125,6 +126,9 @@ class Node:
     def forget(self, cell: Cell) -> None:
         if self._cells.get(cell.name) is cell:
             del self._cells[cell.name]
+            for names in self._owned.values():
+                if cell.name in names:
+                    names.remove(cell.name)
 
     def escalate(self, actor: str, error: BaseException) -> None:
         log.error("node %s stops: actor %s escalated %r", self.id, actor, error)
@@ -303,6 +307,12 @@ class Node:
         self.background(channel.close())  # releases its resources even if the peer left
         if not self._closing:
             log.info("node %s: channel to %s closed (%s)", self.id, peer, error)
+            orphans = [name for name in self._owned.pop(peer, []) if name in self._cells]
+            if orphans:
+                log.warning("node %s: stopping %d actors that %s created: %s", self.id,
+                            len(orphans), peer, ", ".join(orphans))
+                for name in orphans:
+                    self.background(self.stop_actor(name))
         for callback in self._peer_lost:
             try:
                 callback(peer, error)
@@ -421,8 +431,12 @@ class SystemActor(Actor):
             config = message.get("config") or {}
             if not isinstance(config, dict):
                 raise ConfigError("spawn config must be a dict")
-            return await node.spawn(str(message["type"]), name=message.get("name"),
-                                    config=config, policy=message.get("policy"))
+            ref = await node.spawn(str(message["type"]), name=message.get("name"),
+                                   config=config, policy=message.get("policy"))
+            owner = message.get("owner")
+            if isinstance(owner, str) and owner != node.id:
+                node._owned.setdefault(owner, []).append(ref.name)
+            return ref
         if op == "stop":
             await node.stop_actor(str(message["name"]))
             return None

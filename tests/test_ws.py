@@ -268,3 +268,21 @@ def test_serve_refuses_bad_settings(tmp_path):
 def test_secret_is_not_guessable():
     assert ws._proof(SECRET, "client", "c", "n", "x") != ws._proof(
         secrets.token_bytes(32), "client", "c", "n", "x")
+
+
+async def test_actors_of_a_vanished_driver_are_stopped(two_peers):
+    url = two_peers[0].url
+    async with asyncdb.Cluster.connect([url], SECRET) as first:
+        peer = first.peer_ids[0]
+        await first.node.spawn("asyncdb.ParameterShard", node=peer, name="orphan", config={
+            "index": 0, "values": np.zeros(4, np.float32),
+            "optimizer": asyncdb.SGD().to_config()})
+        system = first.node.ref(peer, "_system")
+        assert "orphan" in (await system.ask({"op": "ping"}))["actors"]
+    # The first driver is gone without stopping its actor; a second one looks.
+    async with asyncdb.Cluster.connect([url], SECRET) as second:
+        system = second.node.ref(second.peer_ids[0], "_system")
+        deadline = time.monotonic() + 5
+        while "orphan" in (await system.ask({"op": "ping"}))["actors"]:
+            assert time.monotonic() < deadline, "the vanished driver's actor still runs"
+            await asyncio.sleep(0.05)

@@ -188,6 +188,8 @@ async def _timed(node: Node, first: str, second: str, op: str, n: int, nbytes: i
     for _ in range(repeat + 1):  # the first round warms up (fresh ring pages, caches)
         times.append(await driver.ask({"op": op, "n": n, "target": sink, "nbytes": nbytes},
                                       timeout=300))
+    for ref in (driver, sink):
+        await node.ref(ref.node_id, "_system").ask({"op": "stop", "name": ref.name})
     return times[1:]
 
 

@@ -124,21 +124,17 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         name = "driver" if self.mode != "remote" else f"driver-{socket.gethostname()}-{os.getpid()}"
         self.node = Node(name, ask_timeout=self.ask_timeout)
-        if self.mode == "remote":
-            try:
+        try:
+            if self.mode == "remote":
                 await self._connect_peers()
-            except BaseException:
-                await self.close()
-                raise
-        if self.mode == "local":
-            count = self.replicas if self.colocate else self.shards + self.replicas
-            self.nodes = LocalNodes(self.node, count, prefix="node",
-                                    ring_bytes=self.ring_bytes or DEFAULT_RING_BYTES)
-            try:
+            elif self.mode == "local":
+                count = self.replicas if self.colocate else self.shards + self.replicas
+                self.nodes = LocalNodes(self.node, count, prefix="node",
+                                        ring_bytes=self.ring_bytes or DEFAULT_RING_BYTES)
                 await self.nodes.start()
-            except BaseException:
-                await self.close()
-                raise
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -32,6 +32,7 @@ from .process import LocalNodes
 from .registry import register_actor
 from .shard import ParameterShard
 from .supervisor import Policy, Supervisor
+from .transport import shared
 
 __version__ = "0.1.0"
 
@@ -68,4 +69,5 @@ __all__ = [
     "datasets",
     "register_actor",
     "run",
+    "shared",
 ]

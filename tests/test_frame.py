@@ -62,10 +62,10 @@ def test_non_numeric_arrays_are_refused(bad):
         encode_frame(1, b"", [bad])
 
 
-def test_chunks_and_copy_range_reassemble_the_frame():
+def test_pieces_and_copy_range_reassemble_the_frame():
     out = encode_frame(2, b"meta", sample_arrays())
     whole = out.to_bytes()
-    assert b"".join(out.chunks(100)) == whole
+    assert b"".join(bytes(p) for p in out.pieces(100, small=8)) == whole
     part = bytearray(300)
     out.copy_range(50, 350, memoryview(part))
     assert bytes(part) == whole[50:350]

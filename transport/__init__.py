@@ -3,7 +3,7 @@ in-process, shared-memory and websocket transports. Knows nothing of actors."""
 
 from __future__ import annotations
 
-from . import inproc, shm, ws
+from . import inproc, shared, shm, ws
 from .base import Channel, open_pair, register_transport, transport_schemes
 from .errors import AsyncDBError, AuthenticationError, ChannelClosed, DecodeError, MessageTooLarge
 from .frame import Frame, FrameDecoder, OutFrame, encode_frame, parse_frame
@@ -31,6 +31,7 @@ __all__ = [
     "open_pair",
     "parse_frame",
     "register_transport",
+    "shared",
     "shm",
     "transport_schemes",
     "ws",

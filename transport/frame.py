@@ -8,6 +8,11 @@ Layout (little-endian, every offset relative to the frame's first byte):
     meta     meta_len bytes, opaque here (the layer above puts JSON in it)
     buffers  each array's raw C-order bytes, each starting on a 64-byte boundary
 
+An array whose dtype code has the EXTERNAL bit set carries no bytes: its buffer is a
+REF_BYTES reference, written and resolved by a transport that can reach the memory it
+names (the shared-memory ring, for arrays in shared memory). A decoder given no
+resolver rejects such frames.
+
 `encode_frame` copies nothing: it returns an `OutFrame` that knows where each piece
 goes, and a transport copies the pieces once, straight into its ring or socket buffer.
 `parse_frame` reads a complete frame in place; `FrameDecoder` is fed bytes as they
@@ -18,7 +23,7 @@ arrive and returns whole frames. Neither does I/O, and every malformed input rai
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +38,9 @@ ALIGN = 64
 MAX_ARRAYS = 4096
 MAX_NDIM = 32
 DEFAULT_MAX_FRAME_BYTES = 1 << 32
+
+EXTERNAL = 0x80  # dtype code bit: the array's buffer is a reference, not its bytes
+REF_BYTES = 32
 
 _DIM = struct.Struct("<Q")
 _TABLE_ENTRY = struct.Struct("<BB")
@@ -65,22 +73,31 @@ class Frame:
     meta: bytes
     arrays: list[np.ndarray]
     borrowed: bool = False
+    external: tuple[int, ...] = ()  # indices of arrays resolved from references
+
+
+Resolver = Callable[[memoryview, np.dtype[np.generic], tuple[int, ...]], np.ndarray]
 
 
 class OutFrame:
     """An encoded frame whose pieces have not been copied yet.
 
     `segments` are (offset, bytes-like) pairs in increasing offset order; the gaps
-    between them are alignment padding and read as zeros.
+    between them are alignment padding and read as zeros. `meta` and `arrays` (as laid
+    out, contiguous and little-endian) let a transport lay the frame out again with
+    some arrays sent as references (`encode_frame(..., refs=...)`).
     """
 
-    __slots__ = ("flags", "kind", "nbytes", "segments")
+    __slots__ = ("arrays", "flags", "kind", "meta", "nbytes", "segments")
 
-    def __init__(self, kind: int, flags: int, segments: list[tuple[int, memoryview]], nbytes: int):
+    def __init__(self, kind: int, flags: int, segments: list[tuple[int, memoryview]],
+                 nbytes: int, meta: bytes = b"", arrays: Sequence[np.ndarray] = ()):
         self.kind = kind
         self.flags = flags
         self.segments = segments
         self.nbytes = nbytes
+        self.meta = meta
+        self.arrays = arrays
 
     def copy_range(self, start: int, stop: int, dest: memoryview) -> None:
         """Write bytes [start, stop) of the frame into dest[0 : stop - start]."""
@@ -132,14 +149,6 @@ class OutFrame:
         if pending:
             yield bytes(pending)
 
-    def chunks(self, size: int) -> Iterator[bytes]:
-        """The frame as consecutive byte strings of at most `size` bytes."""
-        for start in range(0, self.nbytes, size):
-            stop = min(start + size, self.nbytes)
-            buf = bytearray(stop - start)
-            self.copy_range(start, stop, memoryview(buf))
-            yield bytes(buf)
-
     def to_bytes(self) -> bytes:
         if len(self.segments) == 1:
             return bytes(self.segments[0][1])
@@ -161,9 +170,11 @@ def _little_endian() -> bool:
 
 
 def encode_frame(
-    kind: int, meta: bytes, arrays: Sequence[np.ndarray] = (), flags: int = 0
+    kind: int, meta: bytes, arrays: Sequence[np.ndarray] = (), flags: int = 0,
+    refs: dict[int, bytes] | None = None,
 ) -> OutFrame:
     """Lay out a frame around `meta` and `arrays` without copying their contents.
+    `refs` maps an array's index to the REF_BYTES reference sent in place of its bytes.
 
     Raises TypeError for an array whose dtype cannot travel (object, strings,
     structured) and ValueError for a kind outside 1..255 or too many arrays.
@@ -173,18 +184,23 @@ def encode_frame(
     if not arrays:
         total = HEADER.size + len(meta)
         head = HEADER.pack(MAGIC, VERSION, kind, flags, 0, len(meta), total)
-        return OutFrame(kind, flags, [(0, memoryview(head + meta))], total)
+        return OutFrame(kind, flags, [(0, memoryview(head + meta))], total, meta)
     if len(arrays) > MAX_ARRAYS:
         raise ValueError(f"a frame carries at most {MAX_ARRAYS} arrays, got {len(arrays)}")
+    refs = refs or {}
     table = bytearray()
     wires: list[np.ndarray] = []
-    for arr in arrays:
+    for index, arr in enumerate(arrays):
         wire = _wire_array(arr)
         code = _CODES.get(wire.dtype.newbyteorder("<"))
         if code is None:
             raise TypeError(f"arrays of dtype {arr.dtype} cannot be sent; use a numeric dtype")
         if wire.ndim > MAX_NDIM:
             raise ValueError(f"arrays of more than {MAX_NDIM} dimensions cannot be sent")
+        if index in refs:
+            if len(refs[index]) != REF_BYTES:
+                raise ValueError(f"an array reference is {REF_BYTES} bytes")
+            code |= EXTERNAL
         table += _TABLE_ENTRY.pack(code, wire.ndim)
         for dim in wire.shape:
             table += _DIM.pack(dim)
@@ -192,14 +208,19 @@ def encode_frame(
     prefix_len = HEADER.size + len(table) + len(meta)
     offset = align(prefix_len)
     segments: list[tuple[int, memoryview]] = [(0, memoryview(b""))]
-    for wire in wires:
+    for index, wire in enumerate(wires):
+        ref = refs.get(index)
+        if ref is not None:
+            segments.append((offset, memoryview(ref)))
+            offset = align(offset + REF_BYTES)
+            continue
         if wire.nbytes:
             segments.append((offset, wire.reshape(-1).view(np.uint8).data))
         offset = align(offset + wire.nbytes)
     total = offset if wires else prefix_len
     header = HEADER.pack(MAGIC, VERSION, kind, flags, len(wires), len(meta), total)
     segments[0] = (0, memoryview(header + bytes(table) + meta))
-    return OutFrame(kind, flags, segments, total)
+    return OutFrame(kind, flags, segments, total, meta, wires)
 
 
 def check_header(buf: bytes | bytearray | memoryview, max_bytes: int) -> int:
@@ -225,9 +246,14 @@ def check_header(buf: bytes | bytearray | memoryview, max_bytes: int) -> int:
 def parse_frame(
     buf: bytes | bytearray | memoryview | np.ndarray,
     max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    resolve: Resolver | None = None,
 ) -> Frame:
     """Decode one complete frame. Arrays are views into `buf` (no copy), so a caller
-    that hands in a uint8 ndarray can track their lifetime through it."""
+    that hands in a uint8 ndarray can track their lifetime through it.
+
+    Arrays sent as references are handed to `resolve(reference, dtype, shape)`; every
+    reference of the frame is offered to it even when one fails (so a transport can
+    settle each), and the first DecodeError is raised after."""
     raw = buf.data if isinstance(buf, np.ndarray) else memoryview(buf)
     total = check_header(raw, max_bytes)
     if total != raw.nbytes:
@@ -239,12 +265,17 @@ def parse_frame(
             raise DecodeError(f"frame length {total} does not match its contents "
                               f"({HEADER.size + meta_len})")
         return Frame(kind, flags, bytes(raw[pos : pos + meta_len]), [])
-    specs: list[tuple[np.dtype[np.generic], tuple[int, ...]]] = []
+    specs: list[tuple[np.dtype[np.generic], tuple[int, ...], bool]] = []
     for index in range(n_arrays):
         if pos + _TABLE_ENTRY.size > total:
             raise DecodeError(f"array table truncated at entry {index}")
         code, ndim = _TABLE_ENTRY.unpack_from(raw, pos)
         pos += _TABLE_ENTRY.size
+        external = bool(code & EXTERNAL)
+        code &= ~EXTERNAL
+        if external and resolve is None:
+            raise DecodeError(f"array {index} is a reference to shared memory, which "
+                              "this transport cannot reach")
         if code >= len(_DTYPES):
             raise DecodeError(f"array {index} has unknown dtype code {code}")
         if ndim > MAX_NDIM:
@@ -253,7 +284,7 @@ def parse_frame(
             raise DecodeError(f"array table truncated in the shape of array {index}")
         shape = struct.unpack_from(f"<{ndim}Q", raw, pos)
         pos += ndim * _DIM.size
-        specs.append((_DTYPES[code], shape))
+        specs.append((_DTYPES[code], shape, external))
     if pos + meta_len > total:
         raise DecodeError(f"metadata of {meta_len} bytes runs past the frame end")
     meta = bytes(raw[pos : pos + meta_len])
@@ -261,22 +292,38 @@ def parse_frame(
     flat = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
     arrays: list[np.ndarray] = []
     offset = align(pos)
-    for index, (dtype, shape) in enumerate(specs):
+    refs: list[tuple[int, memoryview, np.dtype[np.generic], tuple[int, ...]]] = []
+    for index, (dtype, shape, external) in enumerate(specs):
         count, extent = 1, dtype.itemsize
         for dim in shape:
             count *= dim
             extent *= max(dim, 1)
         if extent >= _MAX_EXTENT:
             raise DecodeError(f"array {index} has an impossible shape {shape}")
-        nbytes = count * dtype.itemsize
+        nbytes = REF_BYTES if external else count * dtype.itemsize
         if offset + nbytes > total:
             raise DecodeError(f"array {index} ({nbytes} bytes) runs past the frame end")
-        arrays.append(flat[offset : offset + nbytes].view(dtype).reshape(shape))
+        if external:
+            refs.append((index, raw[offset : offset + nbytes], dtype, shape))
+            arrays.append(flat[:0])  # replaced below
+        else:
+            arrays.append(flat[offset : offset + nbytes].view(dtype).reshape(shape))
         offset = align(offset + nbytes)
     expected = offset if specs else pos
     if expected != total:
         raise DecodeError(f"frame length {total} does not match its contents ({expected})")
-    return Frame(kind, flags, meta, arrays)
+    if not refs:
+        return Frame(kind, flags, meta, arrays)
+    assert resolve is not None
+    failure: DecodeError | None = None
+    for index, ref, dtype, shape in refs:
+        try:
+            arrays[index] = resolve(ref, dtype, shape)
+        except DecodeError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return Frame(kind, flags, meta, arrays, external=tuple(index for index, *_ in refs))
 
 
 def array_spans(head: bytes | bytearray | memoryview | np.ndarray) -> list[tuple[int, int]] | None:
@@ -293,13 +340,14 @@ def array_spans(head: bytes | bytearray | memoryview | np.ndarray) -> list[tuple
             return None
         code, ndim = _TABLE_ENTRY.unpack_from(raw, pos)
         pos += _TABLE_ENTRY.size
-        if pos + ndim * _DIM.size > len(raw) or code >= len(_DTYPES):
+        if pos + ndim * _DIM.size > len(raw) or code & ~EXTERNAL >= len(_DTYPES):
             return None
         count = 1
         for dim in struct.unpack_from(f"<{ndim}Q", raw, pos):
             count *= dim
         pos += ndim * _DIM.size
-        sizes.append(count * _DTYPES[code].itemsize)
+        sizes.append(REF_BYTES if code & EXTERNAL
+                     else count * _DTYPES[code & ~EXTERNAL].itemsize)
     spans, offset = [], align(pos + meta_len)
     for nbytes in sizes:
         spans.append((offset, nbytes))

@@ -23,12 +23,20 @@ are views into the ring, whose space is reused only once the last view is gone. 
 layer above decides who may keep such views (the node copies them for any actor that
 has not declared it lets go of received arrays when its handler returns), because
 ring space held for long stops the writer. Small frames are copied out at once.
+
+Arrays that already live in shared memory (`transport.shared`) are not copied at all:
+the frame carries a reference, the receiver maps the sender's memfd read-only and reads
+the array in place (a `borrowed` frame again), and when the last view of it is gone it
+writes the reference's lease id to the socketpair, which tells the sender the memory is
+its own again. A lost peer settles every lease it held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import mmap
 import os
 import socket
@@ -41,10 +49,13 @@ from typing import Any
 
 import numpy as np
 
+from . import shared
 from .base import Channel, register_transport
 from .errors import ChannelClosed, DecodeError
-from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, OutFrame, align, parse_frame
+from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, OutFrame, align, encode_frame, parse_frame
 from .pool import BufferPool
+
+log = logging.getLogger(__name__)
 
 CONTROL_BYTES = 4096
 DEFAULT_RING_BYTES = 32 << 20
@@ -53,6 +64,7 @@ INPLACE_MIN_BYTES = 64 << 10
 RECEIVE_BATCH = 64
 
 _RECORD = struct.Struct("<IIQ")  # payload bytes, record type, whole frame bytes
+_LEASE = struct.Struct("<Q")  # a returned lease, on the socketpair
 _RECORD_BYTES = 64
 WHOLE, FIRST, MIDDLE, LAST, PAD = 1, 2, 3, 4, 5
 
@@ -153,10 +165,16 @@ class ShmChannel(Channel):
         self._assembled = 0
         self._inbox: deque[Frame | DecodeError] = deque()
         self._recv_waiter: asyncio.Future[None] | None = None
+        # Shared arrays: leases this side holds for the peer, and the peer's memory.
+        self._lease_ids = itertools.count(1)
+        self._leases: dict[int, tuple[shared.Segment, np.ndarray]] = {}
+        self._mappings = shared.Mappings()
+        self._sock_in = bytearray()
+        self._sock_out = bytearray()
         self._closed = False
         self._peer_gone = False
         self.stats = {"frames_sent": 0, "frames_received": 0, "wakeups_sent": 0,
-                      "in_place": 0, "copied": 0, "streamed": 0}
+                      "in_place": 0, "copied": 0, "streamed": 0, "by_reference": 0}
         self._loop.add_reader(end.wake_fd, self._on_wake)
         self._loop.add_reader(end.sock_fd, self._on_sock)
 
@@ -178,7 +196,7 @@ class ShmChannel(Channel):
 
     def _on_sock(self) -> None:
         try:
-            data = self._sock.recv(64)
+            data = self._sock.recv(1 << 16)
         except BlockingIOError:
             return
         except OSError:
@@ -186,7 +204,18 @@ class ShmChannel(Channel):
         if not data:
             self._peer_gone = True
             self._loop.remove_reader(self._end.sock_fd)
+            self._return_all()
             self._wake_waiters()
+            return
+        self._sock_in += data
+        whole = len(self._sock_in) - len(self._sock_in) % _LEASE.size
+        for (lease,) in _LEASE.iter_unpack(self._sock_in[:whole]):
+            entry = self._leases.pop(lease, None)
+            if entry is None:
+                log.warning("shm peer returned unknown lease %d; ignored", lease)
+            else:
+                shared.give_back(entry[0])
+        del self._sock_in[:whole]
 
     def _wake_waiters(self) -> None:
         for fut in (self._recv_waiter, self._space_waiter):
@@ -198,6 +227,41 @@ class ShmChannel(Channel):
     async def send(self, frame: OutFrame) -> None:
         if self.closed:
             raise ChannelClosed(self._closed_reason())
+        leases: list[int] = []
+        if frame.arrays:
+            frame, leases = self._by_reference(frame)
+        if not leases:
+            await self._send(frame)
+            return
+        try:
+            await self._send(frame)
+        except BaseException:
+            for lease in leases:
+                entry = self._leases.pop(lease, None)
+                if entry is not None:
+                    shared.give_back(entry[0])
+            raise
+
+    def _by_reference(self, frame: OutFrame) -> tuple[OutFrame, list[int]]:
+        """`frame` with its shared-memory arrays sent as references, each on a lease."""
+        refs: dict[int, bytes] = {}
+        for index, wire in enumerate(frame.arrays):
+            if wire.nbytes < shared.MIN_REF_BYTES:
+                continue
+            found = shared.find(wire)
+            if found is None:
+                continue
+            segment, offset = found
+            lease = next(self._lease_ids)
+            self._leases[lease] = (segment, wire)
+            shared.lend(segment)
+            refs[index] = shared.reference(segment, offset, lease)
+        if not refs:
+            return frame, []
+        leases = [shared.lease_of(memoryview(ref)) for ref in refs.values()]
+        return encode_frame(frame.kind, frame.meta, frame.arrays, frame.flags, refs), leases
+
+    async def _send(self, frame: OutFrame) -> None:
         if frame.nbytes > self.max_frame_bytes:
             raise ValueError(f"frame of {frame.nbytes} bytes is over the "
                              f"{self.max_frame_bytes}-byte limit of this channel")
@@ -340,23 +404,72 @@ class ShmChannel(Channel):
             assert self._in is not None
             region = self._in[body : body + nbytes]
         try:
-            frame = parse_frame(region, self.max_frame_bytes)
+            frame = parse_frame(region, self.max_frame_bytes, self._resolve)
         except DecodeError as exc:
             self._inbox.append(exc)
             self._consumed(end)
             return
         self.stats["frames_received"] += 1
-        if keep and frame.arrays:
+        if keep and len(frame.arrays) > len(frame.external):
             entry = [end, False]
             self._held.append(entry)
             weakref.finalize(region, self._release, entry)
             frame.borrowed = True
             self.stats["in_place"] += 1
         else:
-            frame.arrays = [a.copy() for a in frame.arrays]
+            external = frame.external
+            frame.arrays = [a if i in external else a.copy() for i, a in enumerate(frame.arrays)]
+            frame.borrowed = bool(external)
             self._consumed(end)
             self.stats["copied"] += 1
         self._inbox.append(frame)
+
+    def _resolve(self, ref: memoryview, dtype: np.dtype[np.generic],
+                 shape: tuple[int, ...]) -> np.ndarray:
+        """The peer's shared array `ref` names, mapped here; its lease goes back to the
+        peer when the last view of it is gone (or at once, if it cannot be mapped)."""
+        lease = shared.lease_of(ref)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        try:
+            base = self._mappings.view(ref, nbytes)
+        except DecodeError:
+            self._return_lease(lease)
+            raise
+        weakref.finalize(base, self._return_lease, lease)
+        self.stats["by_reference"] += 1
+        return base.view(dtype).reshape(shape)
+
+    def _return_lease(self, lease: int) -> None:
+        if threading.get_ident() != self._thread:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: peer sees us go
+                self._loop.call_soon_threadsafe(self._return_lease, lease)
+            return
+        if self._closed or self._peer_gone:
+            return
+        self._sock_out += _LEASE.pack(lease)
+        self._flush_sock()
+
+    def _flush_sock(self) -> None:
+        try:
+            sent = self._sock.send(self._sock_out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._sock_out.clear()
+            return
+        del self._sock_out[:sent]
+        if self._sock_out:
+            self._loop.add_writer(self._end.sock_fd, self._on_sock_writable)
+
+    def _on_sock_writable(self) -> None:
+        self._loop.remove_writer(self._end.sock_fd)
+        if not self._closed:
+            self._flush_sock()
+
+    def _return_all(self) -> None:
+        leases, self._leases = self._leases, {}
+        for segment, _array in leases.values():
+            shared.give_back(segment)
 
     def _take_piece(self, kind: int, data: np.ndarray, total: int) -> None:
         if kind == FIRST:
@@ -377,7 +490,9 @@ class ShmChannel(Channel):
                 self._corrupt("streamed frame ended early")
                 return
             try:
-                self._inbox.append(parse_frame(assembly, self.max_frame_bytes))
+                frame = parse_frame(assembly, self.max_frame_bytes, self._resolve)
+                frame.borrowed = bool(frame.external)
+                self._inbox.append(frame)
                 self.stats["frames_received"] += 1
                 self.stats["streamed"] += 1
             except DecodeError as exc:
@@ -431,7 +546,10 @@ class ShmChannel(Channel):
         end = self._end
         for fd in (end.wake_fd, end.sock_fd):
             self._loop.remove_reader(fd)
+        self._loop.remove_writer(end.sock_fd)
         self._sock.close()
+        self._return_all()
+        self._mappings.clear()
         for fd in (end.memfd, end.wake_fd, end.peer_wake_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -178,11 +178,12 @@ class Driver(Actor):
                 await target.tell(payload)
             await target.ask("count")
         elif op == "bulk_shared":
+            count = int(message.get("buffers", SHARED_BUFFERS))
             buffers = [shared.copy(np.ones(int(message["nbytes"]) // 4, np.float32))
-                       for _ in range(SHARED_BUFFERS)]
+                       for _ in range(count)]
             start = time.perf_counter()
             for i in range(n):
-                buffer = buffers[i % SHARED_BUFFERS]
+                buffer = buffers[i % count]
                 await shared.released(buffer)  # the receiver is done with it: reuse
                 await target.tell(buffer)
             await target.ask("count")
@@ -201,13 +202,13 @@ class Driver(Actor):
 
 
 async def _timed(node: Node, first: str, second: str, op: str, n: int, nbytes: int,
-                 repeat: int, copy: bool = True) -> list[float]:
+                 repeat: int, copy: bool = True, **options: Any) -> list[float]:
     sink = await node.spawn(Sink, node=second, config={"nbytes": nbytes, "copy": copy})
     driver = await node.spawn(Driver, node=first)
     times = []
     for _ in range(repeat + 1):  # the first round warms up (fresh ring pages, caches)
-        times.append(await driver.ask({"op": op, "n": n, "target": sink, "nbytes": nbytes},
-                                      timeout=300))
+        times.append(await driver.ask({"op": op, "n": n, "target": sink, "nbytes": nbytes,
+                                       **options}, timeout=300))
     for ref in (driver, sink):
         await node.ref(ref.node_id, "_system").ask({"op": "stop", "name": ref.name})
     return times[1:]

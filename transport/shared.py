@@ -201,7 +201,9 @@ class Mappings:
                                   "names other memory)")
             if info.st_size == 0:
                 raise DecodeError(f"shared array of process {pid} is empty")
-            return mmap.mmap(handle, info.st_size, prot=mmap.PROT_READ)
+            # Page tables filled in one go: cheaper than a fault for every page.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            return mmap.mmap(handle, info.st_size, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(handle)
 

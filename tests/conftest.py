@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import asyncdb
+
 
 def _shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
@@ -32,3 +34,11 @@ def nothing_left_behind():
     yield
     assert _shm_entries() - shm_before == set(), "shared-memory segment left in /dev/shm"
     assert _children() == set(), "child process outlived its test"
+
+
+@pytest.fixture
+async def cluster():
+    """A driver node and two node processes on this host, linked by 1 MiB rings."""
+    async with asyncdb.Node("driver", ask_timeout=20) as node, \
+            asyncdb.LocalNodes(node, 2, ring_bytes=1 << 20) as nodes:
+        yield node, nodes

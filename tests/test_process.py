@@ -48,13 +48,6 @@ class Borrower(asyncdb.Actor):
         return {peer: dict(ch.stats) for peer, ch in self.node._channels.items()}
 
 
-@pytest.fixture
-async def cluster():
-    async with asyncdb.Node("driver", ask_timeout=20) as node, \
-            asyncdb.LocalNodes(node, 2, ring_bytes=1 << 20) as nodes:
-        yield node, nodes
-
-
 async def test_ask_tell_and_routing_between_processes(cluster):
     node, nodes = cluster
     first, second = nodes.ids

@@ -156,13 +156,6 @@ class Copier(asyncdb.Actor):
         return bool(message.flags.writeable)
 
 
-@pytest.fixture
-async def cluster():
-    async with asyncdb.Node("driver", ask_timeout=20) as node, \
-            asyncdb.LocalNodes(node, 1, ring_bytes=1 << 20) as nodes:
-        yield node, nodes
-
-
 async def test_actors_in_another_process_read_shared_arrays_in_place(cluster):
     node, nodes = cluster
     holder = await node.spawn(Holder, node=nodes.ids[0])

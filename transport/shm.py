@@ -210,12 +210,16 @@ class ShmChannel(Channel):
         self._sock_in += data
         whole = len(self._sock_in) - len(self._sock_in) % _LEASE.size
         for (lease,) in _LEASE.iter_unpack(self._sock_in[:whole]):
-            entry = self._leases.pop(lease, None)
-            if entry is None:
+            if not self._settle(lease):
                 log.warning("shm peer returned unknown lease %d; ignored", lease)
-            else:
-                shared.give_back(entry[0])
         del self._sock_in[:whole]
+
+    def _settle(self, lease: int) -> bool:
+        """The peer no longer reads what `lease` lent it; False if no such lease."""
+        entry = self._leases.pop(lease, None)
+        if entry is not None:
+            shared.give_back(entry[0])
+        return entry is not None
 
     def _wake_waiters(self) -> None:
         for fut in (self._recv_waiter, self._space_waiter):
@@ -227,24 +231,18 @@ class ShmChannel(Channel):
     async def send(self, frame: OutFrame) -> None:
         if self.closed:
             raise ChannelClosed(self._closed_reason())
-        leases: list[int] = []
-        if frame.arrays:
-            frame, leases = self._by_reference(frame)
-        if not leases:
-            await self._send(frame)
-            return
+        frame, leases = self._by_reference(frame) if frame.arrays else (frame, [])
         try:
             await self._send(frame)
         except BaseException:
             for lease in leases:
-                entry = self._leases.pop(lease, None)
-                if entry is not None:
-                    shared.give_back(entry[0])
+                self._settle(lease)
             raise
 
     def _by_reference(self, frame: OutFrame) -> tuple[OutFrame, list[int]]:
         """`frame` with its shared-memory arrays sent as references, each on a lease."""
         refs: dict[int, bytes] = {}
+        leases: list[int] = []
         for index, wire in enumerate(frame.arrays):
             if wire.nbytes < shared.MIN_REF_BYTES:
                 continue
@@ -256,9 +254,9 @@ class ShmChannel(Channel):
             self._leases[lease] = (segment, wire)
             shared.lend(segment)
             refs[index] = shared.reference(segment, offset, lease)
+            leases.append(lease)
         if not refs:
             return frame, []
-        leases = [shared.lease_of(memoryview(ref)) for ref in refs.values()]
         return encode_frame(frame.kind, frame.meta, frame.arrays, frame.flags, refs), leases
 
     async def _send(self, frame: OutFrame) -> None:
@@ -467,9 +465,8 @@ class ShmChannel(Channel):
             self._flush_sock()
 
     def _return_all(self) -> None:
-        leases, self._leases = self._leases, {}
-        for segment, _array in leases.values():
-            shared.give_back(segment)
+        for lease in list(self._leases):
+            self._settle(lease)
 
     def _take_piece(self, kind: int, data: np.ndarray, total: int) -> None:
         if kind == FIRST:

@@ -123,8 +123,10 @@ class LocalNodes:
         }
         env = node_environment(self.threads_per_node)
         fds = [fd for _peer, end in links for fd in end.fds()]
+        # -P: the working directory does not go first on sys.path, so a source folder
+        # named asyncdb there cannot shadow the installed package.
         popen = subprocess.Popen(
-            [sys.executable, "-m", "asyncdb.nodeproc"], stdin=subprocess.PIPE,
+            [sys.executable, "-P", "-m", "asyncdb.nodeproc"], stdin=subprocess.PIPE,
             pass_fds=fds, env=env)
         assert popen.stdin is not None
         popen.stdin.write(json.dumps(config).encode())

@@ -27,7 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "transport":
         from .bench import transport
 
-        result = run(transport.run(repeat=args.repeat or 5))
+        result = run(transport.run(repeat=args.repeat or 9))
     elif args.what == "downpour":
         from .bench import downpour
 

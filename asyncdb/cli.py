@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     run(serve(args.listen, read_secret(args.secret_file), name=args.name,
               ssl_context=server_ssl(args.cert, args.key),
               dial_ssl=client_ssl(args.ca, args.insecure), imports=tuple(args.imports),
-              max_frame_bytes=args.max_frame_bytes))
+              max_frame_bytes=args.max_frame_bytes, metrics=args.metrics))
     return 0
 
 
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="MODULE", help="import a module that registers actor types")
     serve.add_argument("--max-frame-bytes", type=int, default=1 << 30,
                        help="largest frame a peer may send (default 1 GiB)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour"])

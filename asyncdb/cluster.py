@@ -78,6 +78,7 @@ class Cluster:
         self.replicas = replicas
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
+        self._started = False
         self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
 
     @classmethod
@@ -120,6 +121,21 @@ class Cluster:
         placement = self.placement
         return placement.nodes if isinstance(placement, LocalProcesses) else None
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Where every actor runs: one {role, index, node, pid, host, alive} per
+        coordinator, shard and replica (empty before the cluster has started)."""
+        node = self.node
+        if node is None or node.closed or not self._started:
+            return []
+        shard_nodes, replica_nodes = self.placement.place(self.shards, self.replicas)
+        live = {node.id, *node.peers()}
+        places = [("coordinator", 0, node.id)]
+        places += [("shard", i, n) for i, n in enumerate(shard_nodes)]
+        places += [("replica", i, n) for i, n in enumerate(replica_nodes)]
+        return [{"role": role, "index": i, "node": n, "pid": self.placement.pid(n),
+                 "host": self.placement.host(n), "alive": n in live}
+                for role, i, n in places]
+
     async def __aenter__(self) -> Cluster:
         self.node = Node(self.placement.driver_name(), ask_timeout=self.ask_timeout)
         try:
@@ -127,6 +143,7 @@ class Cluster:
         except BaseException:
             await self.close()
             raise
+        self._started = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -23,7 +23,8 @@ from typing import Any
 from asyncdb.transport.shm import DEFAULT_RING_BYTES, ShmChannel, ShmEndpoint, create_link
 
 from .errors import AsyncDBError, ChannelClosed
-from .node import SYSTEM, Node
+from .node import Node
+from .system import SYSTEM
 
 log = logging.getLogger("asyncdb.process")
 
@@ -109,7 +110,7 @@ class LocalNodes:
                 for _peer, end in links[child]:
                     end.close_fds()  # the child has its own copies now
         for peer, end in links[self.node.id]:
-            self.node.connect(peer, ShmChannel(end))
+            self.node.connect(peer, ShmChannel(end), trusted=True)  # our own children
         await asyncio.wait_for(self._await_hellos(), self.startup_timeout)
         return self.ids
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import datasets
 from .actor import Actor, ActorRef
+from .checkpoint import CheckpointStore
 from .cluster import Cluster, Run
 from .coordinator import Coordinator
 from .downpour import Downpour, Replica
@@ -16,6 +17,7 @@ from .errors import (
     AsyncDBError,
     AuthenticationError,
     ChannelClosed,
+    CheckpointError,
     ConfigError,
     DecodeError,
     EncodeError,
@@ -31,6 +33,7 @@ from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
 from .shard import ParameterShard
+from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
 from .transport import shared
 
@@ -46,6 +49,8 @@ __all__ = [
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
+    "CheckpointError",
+    "CheckpointStore",
     "Cluster",
     "ConfigError",
     "Coordinator",
@@ -61,6 +66,8 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "ShardCheckpoint",
+    "ShardClient",
     "Supervisor",
     "Timeout",
     "UpdateRejected",

@@ -33,9 +33,10 @@ async def linked():
     await server.close()
 
 
-def replica_config(data, model=None, shards=()):
+def replica_config(data, model=None):
     model = model or MLP([4, 3, 2])
-    return {"index": 0, "model": model.to_config(), "shards": list(shards),
+    shard = asyncdb.ActorRef(None, "client", "fake-shard")  # travels, never asked here
+    return {"index": 0, "model": model.to_config(), "shards": [shard],
             "bounds": [[0, model.num_params()]], "data": data,
             "algorithm": asyncdb.Downpour(batch_size=4).to_config()}
 

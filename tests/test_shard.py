@@ -33,6 +33,15 @@ async def test_fetch_push_and_staleness(shard):
     assert stats["staleness_mean"] == pytest.approx(0.5)
 
 
+async def test_a_same_node_fetch_gets_a_snapshot_not_the_live_slice(shard):
+    before = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
+    await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": 0})
+    np.testing.assert_array_equal(before, np.arange(10))  # a later push does not show
+    before[:] = -1  # nor does scribbling on the answer reach the shard
+    np.testing.assert_allclose((await shard.ask({"op": "fetch"}))["values"],
+                               np.arange(10) - 0.5)
+
+
 @pytest.mark.parametrize(
     ("grad", "reason"),
     [

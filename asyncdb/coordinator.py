@@ -19,7 +19,7 @@ from .actor import Actor, ActorRef
 from .errors import ActorDead, ChannelClosed
 from .params import ParameterLayout
 from .registry import register_actor
-from .shard import fetch_parameters
+from .shard_client import ShardClient
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -37,8 +37,7 @@ class Coordinator(Actor):
                  on_progress: Progress | None = None) -> None:
         self.model = Model.from_config(model)
         self.layout = ParameterLayout(self.model.param_shapes())
-        self.shards = shards
-        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.shards = ShardClient(shards, bounds)
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
@@ -55,11 +54,11 @@ class Coordinator(Actor):
         raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
 
     async def params(self) -> np.ndarray:
-        return await fetch_parameters(self.shards, self.bounds, self.layout.size)
+        return await self.shards.parameters()
 
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
-        stats = await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))
+        stats = await self.shards.stats()
         views = self.layout.views(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
         accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
@@ -126,7 +125,7 @@ class Coordinator(Actor):
         return {"history": self.history, "lost": lost,
                 "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
-                "shards": await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))}
+                "shards": await self.shards.stats()}
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

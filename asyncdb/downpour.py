@@ -25,6 +25,7 @@ from .data import open_arrays
 from .errors import ConfigError
 from .params import ParameterLayout
 from .registry import register_actor
+from .shard_client import ShardClient
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,7 @@ class Replica(Actor):
         self.index = index
         self.model = Model.from_config(model)
         self.layout = ParameterLayout(self.model.param_shapes())
-        self.shards = shards
-        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.client = ShardClient(shards, bounds)
         self.algorithm = Downpour(**algorithm)
         self.arrays = open_arrays(data)
         self.rng = np.random.default_rng(seed + 7919 * index)
@@ -185,13 +185,7 @@ class Replica(Actor):
         self._fetching = asyncio.get_running_loop().create_task(self._fetch())
 
     async def _fetch(self) -> None:
-        async def one(i: int) -> None:
-            reply = await self.shards[i].ask({"op": "fetch"}, borrow=True)
-            lo, hi = self.bounds[i]
-            self.params[lo:hi] = reply["values"]
-            self.versions[i] = int(reply["version"])
-
-        await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+        self.versions = await self.client.fetch(self.params)
         self.counts["fetches"] += 1
 
     # -- pushing ----------------------------------------------------------------
@@ -215,15 +209,8 @@ class Replica(Actor):
         self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))
 
     async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
-        async def one(i: int) -> None:
-            lo, hi = self.bounds[i]
-            message = {"op": "push", "grad": buffer[lo:hi], "version": self.versions[i]}
-            if i == 0:
-                message["progress"] = progress
-            await self.shards[i].ask(message)
-
         try:
-            await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+            await self.client.push(buffer, self.versions, progress)
         finally:
             buffer[...] = 0.0
         self.counts["pushes"] += 1

@@ -1,8 +1,8 @@
 """The parameter shard: owns one contiguous slice of the parameters, answers fetches,
 applies pushed gradients in place with its update rule, and reports what it saw.
 
-Messages (dicts with an "op"):
-    fetch                     -> {"values", "version"}
+Messages (dicts with an "op"; `ShardClient` is the caller's side):
+    fetch [lo, hi]            -> {"values", "version"} (the slice, or [lo, hi) of it)
     push  grad, version       -> {"version", "staleness"}; UpdateRejected if bad
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
@@ -11,7 +11,6 @@ Messages (dicts with an "op"):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -21,9 +20,10 @@ import numpy as np
 
 from .actor import Actor, ActorRef
 from .engine import Updater
-from .errors import UpdateRejected
+from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
+from .shard_client import ShardClient
 
 log = logging.getLogger("asyncdb.shard")
 
@@ -58,8 +58,7 @@ class ParameterShard(Actor):
                 self.progress[str(progress.get("replica"))] = progress
             return result
         if op == "fetch":
-            self.fetches += 1
-            return {"values": self.values, "version": self.version}
+            return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)))
         if op == "stats":
             return self.stats()
         if op == "checkpoint":
@@ -68,6 +67,13 @@ class ParameterShard(Actor):
         if op == "restore":
             return self.restore(message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
+
+    def fetch(self, lo: Any, hi: Any) -> dict[str, Any]:
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
+            raise UpdateRejected(f"shard {self.index}: bad fetch range [{lo!r}, {hi!r}) "
+                                 f"of a slice of {len(self.values)}")
+        self.fetches += 1
+        return {"values": self.values[lo:hi], "version": self.version}
 
     def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
         self._check(grad)
@@ -125,10 +131,7 @@ class ParameterShard(Actor):
 async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],
                            size: int) -> np.ndarray:
     """The whole flat parameter vector, fetched from every shard at once."""
-    flat = np.empty(size, np.float32)
-
-    async def one(shard: ActorRef, lo: int, hi: int) -> None:
-        flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
-
-    await asyncio.gather(*(one(s, lo, hi) for s, (lo, hi) in zip(shards, bounds, strict=True)))
-    return flat
+    client = ShardClient(shards, bounds)
+    if client.size != size:
+        raise ConfigError(f"shard bounds cover {client.size} parameters, not {size}")
+    return await client.parameters()

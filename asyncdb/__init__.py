@@ -33,6 +33,7 @@ from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
 from .shard import ParameterShard
+from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
 from .transport import shared
 
@@ -65,6 +66,8 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "ShardCheckpoint",
+    "ShardClient",
     "Supervisor",
     "Timeout",
     "UpdateRejected",

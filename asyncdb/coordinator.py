@@ -19,7 +19,7 @@ from .actor import Actor, ActorRef
 from .errors import ActorDead, ChannelClosed
 from .params import layout_of
 from .registry import register_actor
-from .shard import fetch_parameters
+from .shard_client import ShardClient
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -29,7 +29,10 @@ Progress = Callable[[dict[str, Any]], None]
 @register_actor("asyncdb.Coordinator")
 class Coordinator(Actor):
     """Lives on the driver's node. `on_progress` (a callable, so the coordinator must be
-    spawned in the driver's process) receives each history entry as it is made."""
+    spawned in the driver's process) receives each history entry as it is made.
+    Network peers cannot spawn one."""
+
+    network_spawn = False
 
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
@@ -37,8 +40,7 @@ class Coordinator(Actor):
                  on_progress: Progress | None = None, partitions: int = 1) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
-        self.shards = shards
-        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.shards = ShardClient(shards, bounds)
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
@@ -55,11 +57,11 @@ class Coordinator(Actor):
         raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
 
     async def params(self) -> np.ndarray:
-        return await fetch_parameters(self.shards, self.bounds, self.layout.size)
+        return await self.shards.parameters()
 
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
-        stats = await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))
+        stats = await self.shards.stats()
         views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
         accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
@@ -125,7 +127,7 @@ class Coordinator(Actor):
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
         return {"history": self.history, "replicas": summaries, "lost": lost,
                 "seconds": seconds,
-                "shards": await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))}
+                "shards": await self.shards.stats()}
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

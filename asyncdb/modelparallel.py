@@ -209,7 +209,8 @@ class Partition(Replica):
         self.exchange = Exchange(exchange_timeout)
         self.links: dict[int, PartitionLink] = {}
         self.buffers: list[Buffers] = []
-        self.counts.update(exchange_bytes=0, exchange_wait_s=0.0, compute_s=0.0)
+        self.counts["exchange_bytes"] = 0
+        self.timing = {"exchange_wait_s": 0.0, "compute_s": 0.0}
         self.exchange_steps = 0  # steps this partition has exchanged (train or gradient)
 
     def _parameter_layout(self) -> ParameterLayout:
@@ -231,7 +232,12 @@ class Partition(Replica):
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "gradient":
             return await self.gradient(message["params"], message["x"], message["y"])
+        if message.get("op") == "counts":
+            return {**self.counts, **self.timing}
         return await super().receive(message)
+
+    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
+        return {**await super().train(start, stop, steps), **self.timing}
 
     async def gradient(self, params: np.ndarray, x: np.ndarray,
                        y: np.ndarray) -> dict[str, Any]:
@@ -317,8 +323,8 @@ class Partition(Replica):
         loss, delta = await self._logits(buf, h_last, y, step)
         await self._backward(buf, x, h_last, delta, step)
         wait = self.exchange.wait_seconds - waited
-        self.counts["exchange_wait_s"] += wait
-        self.counts["compute_s"] += time.perf_counter() - began - wait
+        self.timing["exchange_wait_s"] += wait
+        self.timing["compute_s"] += time.perf_counter() - began - wait
         return loss
 
     def _stage_input(self, buf: Buffers, x: np.ndarray, a: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The parameter shard: owns one contiguous slice of the parameters, answers fetches,
 applies pushed gradients in place with its update rule, and reports what it saw.
 
-Messages (dicts with an "op"):
-    fetch                     -> {"values", "version"}
+Messages (dicts with an "op"; `ShardClient` is the caller's side):
+    fetch [lo, hi]            -> {"values", "version"} (the slice, or [lo, hi) of it)
     push  grad, version       -> {"version", "staleness"}; UpdateRejected if bad
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
@@ -11,8 +11,8 @@ Messages (dicts with an "op"):
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from .actor import Actor, ActorRef
-from .engine import Updater
-from .errors import UpdateRejected
+from .engine import ENGINES, Updater
+from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
+from .shard_client import ShardClient
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
 
@@ -46,6 +48,22 @@ class ParameterShard(Actor):
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
 
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's shard: a slice within the parameter limit, a known engine,
+        no more threads than this host has cores."""
+        values = config.get("values")
+        if not isinstance(values, np.ndarray):
+            raise ConfigError("a shard's values must be an array")
+        if values.size > policy.max_params:
+            raise ConfigError(f"a shard of {values.size} parameters is over this node's "
+                              f"limit of {policy.max_params}")
+        if config.get("engine", "blocked") not in ENGINES:
+            raise ConfigError(f"unknown update engine; choose from {ENGINES}")
+        threads, cores = config.get("threads"), os.cpu_count() or 1
+        if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= cores):
+            raise ConfigError(f"a shard may use 1 to {cores} threads here, not {threads!r}")
+
     async def on_stop(self) -> None:
         self.updater.close()
 
@@ -58,8 +76,7 @@ class ParameterShard(Actor):
                 self.progress[str(progress.get("replica"))] = progress
             return result
         if op == "fetch":
-            self.fetches += 1
-            return {"values": self.values, "version": self.version}
+            return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)))
         if op == "stats":
             return self.stats()
         if op == "checkpoint":
@@ -68,6 +85,13 @@ class ParameterShard(Actor):
         if op == "restore":
             return self.restore(message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
+
+    def fetch(self, lo: Any, hi: Any) -> dict[str, Any]:
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
+            raise UpdateRejected(f"shard {self.index}: bad fetch range [{lo!r}, {hi!r}) "
+                                 f"of a slice of {len(self.values)}")
+        self.fetches += 1
+        return {"values": self.values[lo:hi], "version": self.version}
 
     def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
         self._check(grad)
@@ -125,10 +149,7 @@ class ParameterShard(Actor):
 async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],
                            size: int) -> np.ndarray:
     """The whole flat parameter vector, fetched from every shard at once."""
-    flat = np.empty(size, np.float32)
-
-    async def one(shard: ActorRef, lo: int, hi: int) -> None:
-        flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
-
-    await asyncio.gather(*(one(s, lo, hi) for s, (lo, hi) in zip(shards, bounds, strict=True)))
-    return flat
+    client = ShardClient(shards, bounds)
+    if client.size != size:
+        raise ConfigError(f"shard bounds cover {client.size} parameters, not {size}")
+    return await client.parameters()

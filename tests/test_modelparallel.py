@@ -15,6 +15,7 @@ from asyncdb.data import inline_arrays
 from asyncdb.modelparallel import ReplicaClient, spawn_partitioned_replica
 from asyncdb.models import MLP, LocallyConnected1D, Model
 from asyncdb.params import PartitionedLayout
+from asyncdb.shard_client import ShardClient
 
 MODELS = [MLP([13, 11, 7, 10]), LocallyConnected1D(width=11, channels=[2, 3, 2], window=3,
                                                    classes=10)]
@@ -162,7 +163,7 @@ async def test_each_partition_talks_only_to_the_shards_of_its_block(digits):
             {"data": inline_arrays({"x": digits.x_train, "y": digits.y_train}),
              "algorithm": asyncdb.Downpour(batch_size=16).to_config()})
         await ReplicaClient(replica).train(0, 200, 5)
-        stats = [await shard.ask({"op": "stats"}) for shard in shards]
+        stats = await ShardClient(shards, bounds).stats()
     assert [s["updates"] for s in stats] == [5, 5, 5, 5]  # one push per step, own shards
     before = layout.flatten(model.init_params(np.random.default_rng(0)))
     assert before.size == sum(hi - lo for lo, hi in bounds)

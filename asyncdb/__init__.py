@@ -10,6 +10,7 @@ from .actor import Actor, ActorRef
 from .checkpoint import CheckpointStore
 from .cluster import Cluster, Run
 from .coordinator import Coordinator
+from .dashboard import Dashboard
 from .downpour import Downpour, Replica
 from .errors import (
     ActorDead,
@@ -33,6 +34,7 @@ from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
 from .shard import ParameterShard
+from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
 from .transport import shared
 
@@ -53,6 +55,7 @@ __all__ = [
     "Cluster",
     "ConfigError",
     "Coordinator",
+    "Dashboard",
     "DecodeError",
     "Downpour",
     "EncodeError",
@@ -65,6 +68,8 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "ShardCheckpoint",
+    "ShardClient",
     "Supervisor",
     "Timeout",
     "UpdateRejected",

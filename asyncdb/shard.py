@@ -1,8 +1,8 @@
 """The parameter shard: owns one contiguous slice of the parameters, answers fetches,
 applies pushed gradients in place with its update rule, and reports what it saw.
 
-Messages (dicts with an "op"):
-    fetch                     -> {"values", "version"}
+Messages (dicts with an "op"; `ShardClient` is the caller's side):
+    fetch [lo, hi]            -> {"values", "version"} (the slice, or [lo, hi) of it)
     push  grad, version       -> {"version", "staleness"}; UpdateRejected if bad
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
@@ -11,8 +11,9 @@ Messages (dicts with an "op"):
 
 from __future__ import annotations
 
-import asyncio
+import bisect
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,12 +21,17 @@ from typing import Any
 import numpy as np
 
 from .actor import Actor, ActorRef
-from .engine import Updater
-from .errors import UpdateRejected
+from .engine import ENGINES, Updater
+from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
+from .shard_client import ShardClient
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
+
+# upper bounds (seconds) of the update-time histogram's buckets; the last one is +Inf
+UPDATE_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 @register_actor("asyncdb.ParameterShard")
@@ -43,8 +49,25 @@ class ParameterShard(Actor):
         self.staleness_sum = 0
         self.staleness_max = 0
         self.update_seconds = 0.0
+        self.update_counts = [0] * (len(UPDATE_BUCKETS) + 1)
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's shard: a slice within the parameter limit, a known engine,
+        no more threads than this host has cores."""
+        values = config.get("values")
+        if not isinstance(values, np.ndarray):
+            raise ConfigError("a shard's values must be an array")
+        if values.size > policy.max_params:
+            raise ConfigError(f"a shard of {values.size} parameters is over this node's "
+                              f"limit of {policy.max_params}")
+        if config.get("engine", "blocked") not in ENGINES:
+            raise ConfigError(f"unknown update engine; choose from {ENGINES}")
+        threads, cores = config.get("threads"), os.cpu_count() or 1
+        if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= cores):
+            raise ConfigError(f"a shard may use 1 to {cores} threads here, not {threads!r}")
 
     async def on_stop(self) -> None:
         self.updater.close()
@@ -58,8 +81,7 @@ class ParameterShard(Actor):
                 self.progress[str(progress.get("replica"))] = progress
             return result
         if op == "fetch":
-            self.fetches += 1
-            return {"values": self.values, "version": self.version}
+            return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)))
         if op == "stats":
             return self.stats()
         if op == "checkpoint":
@@ -69,6 +91,13 @@ class ParameterShard(Actor):
             return self.restore(message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
 
+    def fetch(self, lo: Any, hi: Any) -> dict[str, Any]:
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
+            raise UpdateRejected(f"shard {self.index}: bad fetch range [{lo!r}, {hi!r}) "
+                                 f"of a slice of {len(self.values)}")
+        self.fetches += 1
+        return {"values": self.values[lo:hi], "version": self.version}
+
     def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
         self._check(grad)
         assert isinstance(grad, np.ndarray)
@@ -77,7 +106,9 @@ class ParameterShard(Actor):
             raise UpdateRejected(f"shard {self.index}: bad version {fetched_version!r}")
         start = time.perf_counter()
         self.updater.apply(self.values, grad)
-        self.update_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.update_seconds += seconds
+        self.update_counts[bisect.bisect_left(UPDATE_BUCKETS, seconds)] += 1
         staleness = max(0, self.version - fetched_version)
         self.version += 1
         self.staleness_sum += staleness
@@ -105,6 +136,7 @@ class ParameterShard(Actor):
             "updates": self.version, "fetches": self.fetches, "rejected": self.rejected,
             "staleness_mean": self.staleness_sum / self.version if self.version else 0.0,
             "staleness_max": self.staleness_max, "update_seconds": self.update_seconds,
+            "update_counts": list(self.update_counts),
             "engine": self.updater.engine, "threads": self.updater.threads,
             "progress": self.progress,
         }
@@ -125,10 +157,7 @@ class ParameterShard(Actor):
 async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],
                            size: int) -> np.ndarray:
     """The whole flat parameter vector, fetched from every shard at once."""
-    flat = np.empty(size, np.float32)
-
-    async def one(shard: ActorRef, lo: int, hi: int) -> None:
-        flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
-
-    await asyncio.gather(*(one(s, lo, hi) for s, (lo, hi) in zip(shards, bounds, strict=True)))
-    return flat
+    client = ShardClient(shards, bounds)
+    if client.size != size:
+        raise ConfigError(f"shard bounds cover {client.size} parameters, not {size}")
+    return await client.parameters()

@@ -27,10 +27,10 @@ from ..data import SharedArrays
 from ..downpour import Downpour
 from ..modelparallel import ReplicaClient, spawn_partitioned_replica
 from ..node import Node
-from ..system import SYSTEM
 from ..optim import SGD
 from ..params import PartitionedLayout
 from ..process import LocalNodes
+from ..system import SYSTEM
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ class Coordinator(Actor):
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "replicas": summaries, "lost": lost,
+        return {"history": self.history, "lost": lost,
+                "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
 

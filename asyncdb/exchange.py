@@ -107,6 +107,7 @@ class PartitionInbox(Actor):
     """Copies each array a peer partition sends into the partition's buffers."""
 
     borrow_arrays = True  # copied out before the handler returns
+    network_spawn = False  # made by its partition, beside it, never by a peer
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange

@@ -25,6 +25,7 @@ from .errors import (
     RemoteTraceback,
     Timeout,
     UpdateRejected,
+    VersionMismatch,
 )
 from .loop import run
 from .node import Node
@@ -72,6 +73,7 @@ __all__ = [
     "Timeout",
     "UpdateRejected",
     "UpdateRule",
+    "VersionMismatch",
     "__version__",
     "datasets",
     "register_actor",

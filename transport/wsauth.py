@@ -9,10 +9,12 @@ Handshake (JSON text messages, each at most `HANDSHAKE_BYTES`):
 P_role = HMAC-SHA256(secret, "asyncdb-v<PROTOCOL>|role|C|R|name"). Either side that
 sees another protocol version closes with `CLOSE_VERSION` and says which it speaks.
 
-After it, every binary websocket message is `payload || tag`, where tag is a keyed
-BLAKE2b (16 bytes) of the message's sequence number in its direction (u64, from 0) and
-its payload, keyed per direction with a session key derived from the secret, both
-nonces and both node names. A message injected, replayed, reordered or dropped on the
+After it, every binary websocket message is `payload || tag`, where tag is
+HMAC-SHA256, cut to 16 bytes, of the message's sequence number in its direction (u64,
+from 0) and its payload, keyed per direction with a session key derived from the
+secret, both nonces and both node names. (SHA-256 rather than BLAKE2b: OpenSSL's runs
+on the CPU's SHA extensions, several times faster than hashlib's BLAKE2b here.) A
+message injected, replayed, reordered or dropped on the
 path fails its tag and closes the connection. TLS (wss://) adds confidentiality.
 """
 
@@ -91,7 +93,7 @@ class Sealer:
     """Tags the messages one side sends, in order."""
 
     def __init__(self, key: bytes) -> None:
-        self._base = hashlib.blake2b(key=key, digest_size=TAG_BYTES)
+        self._base = hmac.new(key, digestmod=hashlib.sha256)  # keyed once, copied per use
         self.seq = 0
 
     def tag(self, payload: bytes | memoryview) -> bytes:
@@ -99,7 +101,7 @@ class Sealer:
         h.update(self.seq.to_bytes(8, "little"))
         h.update(payload)
         self.seq += 1
-        return h.digest()
+        return h.digest()[:TAG_BYTES]
 
     def seal(self, payload: bytes | memoryview) -> bytes:
         return b"".join((payload, self.tag(payload)))

@@ -17,7 +17,7 @@ from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
 from .errors import ActorDead, ChannelClosed
-from .params import ParameterLayout
+from .params import layout_of
 from .registry import register_actor
 from .shard_client import ShardClient
 
@@ -37,9 +37,9 @@ class Coordinator(Actor):
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
                  eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None) -> None:
+                 on_progress: Progress | None = None, partitions: int = 1) -> None:
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
+        self.layout = layout_of(self.model, partitions)
         self.shards = ShardClient(shards, bounds)
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
@@ -62,7 +62,7 @@ class Coordinator(Actor):
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
         stats = await self.shards.stats()
-        views = self.layout.views(flat)
+        views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
         accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
         progress = stats[0]["progress"].values()
@@ -125,7 +125,8 @@ class Coordinator(Actor):
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "replicas": summaries, "lost": lost,
+        return {"history": self.history, "lost": lost,
+                "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
 

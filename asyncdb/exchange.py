@@ -104,7 +104,8 @@ class PartitionLink:
 
 @register_actor("asyncdb.PartitionInbox")
 class PartitionInbox(Actor):
-    """Copies each array a peer partition sends into the partition's buffers."""
+    """Copies each array a peer partition sends into the partition's buffers. Only its
+    partition spawns it (its config holds a live object), never a network peer."""
 
     borrow_arrays = True  # copied out before the handler returns
     network_spawn = False  # made by its partition, beside it, never by a peer

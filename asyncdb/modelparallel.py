@@ -41,6 +41,7 @@ from .errors import ActorDead, AsyncDBError, ChannelClosed, ConfigError
 from .exchange import Buffers, Exchange, Key, PartitionInbox, PartitionLink, exchange_plan
 from .params import ParameterLayout
 from .registry import register_actor
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.modelparallel")
 
@@ -68,6 +69,16 @@ class Partition(Replica):
         self.counts["exchange_bytes"] = 0
         self.timing = {"exchange_wait_s": 0.0, "compute_s": 0.0}
         self.exchange_steps = 0  # steps this partition has exchanged (train or gradient)
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """As a replica's, and a partition count one connection could own."""
+        super().admit(config, policy)
+        part, parts = config.get("part"), config.get("parts")
+        if not (isinstance(parts, int) and isinstance(part, int)
+                and 0 <= part < parts <= policy.max_actors):
+            raise ConfigError(f"partition {part!r} of {parts!r}: a replica has 1 to "
+                              f"{policy.max_actors} partitions here")
 
     def _parameter_layout(self) -> ParameterLayout:
         return ParameterLayout(self.share.param_shapes())

@@ -36,6 +36,10 @@ def _bench(args: argparse.Namespace) -> int:
                                        "colocate": args.colocate}.items()
                      if v is not None}
         result = run(downpour.run(downpour.Settings(**overrides), repeat=args.repeat or 3))
+    elif args.what == "modelparallel":
+        from .bench import modelparallel
+
+        result = run(modelparallel.run(repeat=args.repeat or 3))
     else:
         raise SystemExit(f"unknown benchmark {args.what!r}")
     _print_result(result, args.json)
@@ -53,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import client_ssl, read_secret, serve, server_ssl
     from .system import PeerPolicy
 
-    for flag in ("max_params", "max_data_bytes", "max_actors", "max_frame_bytes"):
+    for flag in ("max_params", "max_data_bytes", "max_actors", "max_frame_bytes",
+                 "max_pending", "auth_timeout"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     peers = tuple(u.strip() for u in (args.peers or "").split(",") if u.strip())
@@ -64,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
               ssl_context=server_ssl(args.cert, args.key),
               dial_ssl=client_ssl(args.ca, args.insecure), imports=tuple(args.imports),
               max_frame_bytes=args.max_frame_bytes, policy=policy,
+              max_pending=args.max_pending, auth_timeout=args.auth_timeout,
               metrics=args.metrics))
     return 0
 
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "allocate for batches (default 1 GiB)")
     serve.add_argument("--max-actors", type=int, default=64,
                        help="most actors one connection may own at once (default 64)")
+    serve.add_argument("--max-pending", type=int, default=64,
+                       help="most connections waiting to authenticate; a newcomer drops "
+                            "the oldest (default 64)")
+    serve.add_argument("--auth-timeout", type=float, default=10.0,
+                       help="seconds a connection has to send its HTTP headers and "
+                            "authenticate (default 10)")
     serve.add_argument("--allow-remote-shutdown", action="store_true",
                        help="let authenticated peers shut this node down (default: only "
                             "SIGINT or SIGTERM here)")
@@ -111,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
-    bench.add_argument("what", choices=["transport", "downpour"])
+    bench.add_argument("what", choices=["transport", "downpour", "modelparallel"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument("--repeat", type=int, default=None,
-                       help="runs per figure, medians reported (transport 5, downpour 3)")
+                       help="runs per figure, medians reported (transport 5, downpour 3, "
+                            "modelparallel 3)")
     bench.add_argument("--examples", type=int, help="downpour: training examples")
     bench.add_argument("--shards", type=int, help="downpour: parameter shards")
     bench.add_argument("--n-fetch", type=int, help="downpour: steps between fetches")

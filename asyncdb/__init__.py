@@ -24,6 +24,7 @@ from .errors import (
     MessageTooLarge,
     RemoteTraceback,
     Timeout,
+    TrainingFailed,
     UpdateRejected,
 )
 from .loop import run
@@ -32,6 +33,7 @@ from .optim import SGD, Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
+from .sandblaster import Sandblaster
 from .shard import ParameterShard
 from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
@@ -66,10 +68,12 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "Sandblaster",
     "ShardCheckpoint",
     "ShardClient",
     "Supervisor",
     "Timeout",
+    "TrainingFailed",
     "UpdateRejected",
     "UpdateRule",
     "__version__",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,8 @@ class ParameterLayout:
         return {name: flat[lo:hi].reshape(self.shapes[name])
                 for name, (lo, hi) in self.offsets.items()}
 
-    def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
-        flat = np.empty(self.size, np.float32)
+    def flatten(self, tensors: dict[str, np.ndarray], dtype: Any = np.float32) -> np.ndarray:
+        flat = np.empty(self.size, dtype)
         for name, view in self.views(flat).items():
             view[...] = tensors[name]
         return flat

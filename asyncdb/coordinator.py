@@ -29,7 +29,10 @@ Progress = Callable[[dict[str, Any]], None]
 @register_actor("asyncdb.Coordinator")
 class Coordinator(Actor):
     """Lives on the driver's node. `on_progress` (a callable, so the coordinator must be
-    spawned in the driver's process) receives each history entry as it is made."""
+    spawned in the driver's process) receives each history entry as it is made.
+    Network peers cannot spawn one."""
+
+    network_spawn = False
 
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,

@@ -29,7 +29,7 @@ from .actor import Actor, ActorRef
 from .datasets import Dataset
 from .errors import ConfigError
 from .linesearch import Step, StrongWolfe
-from .node import SYSTEM, Node
+from .node import Node
 from .optim import SGD
 from .params import ParameterLayout
 from .placement import Placement
@@ -37,6 +37,7 @@ from .registry import register_actor
 from .sandblaster import Evaluator, Passes, Sandblaster, SandblasterReplica, wire_bytes
 from .shard import ParameterShard
 from .shard_client import ShardClient
+from .system import SYSTEM
 
 log = logging.getLogger("asyncdb.lbfgs")
 
@@ -45,6 +46,8 @@ log = logging.getLogger("asyncdb.lbfgs")
 class SandblasterCoordinator(Actor):
     """Runs one Sandblaster run: `run` replicas, evaluator -> history and counters.
     `on_progress` (a callable: spawn it in the driver's process) sees each entry."""
+
+    network_spawn = False  # lives on the driver's node
 
     def __init__(self, shards: list[ActorRef], bounds: list[list[int]], rows: int,
                  algorithm: dict[str, Any], l2: float = 0.0,

@@ -35,6 +35,7 @@ from .errors import ActorDead, ChannelClosed, ConfigError, Timeout, TrainingFail
 from .params import ParameterLayout
 from .registry import register_actor
 from .shard_client import ShardClient
+from .system import PeerPolicy
 from .workqueue import Lease, WorkQueue
 
 log = logging.getLogger("asyncdb.sandblaster")
@@ -128,6 +129,22 @@ class SandblasterReplica(Actor):
     flush pass, verdict -> {"pushed"}: pushes what it accumulated
     counts -> its counters
     """
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's replica: a model within the parameter limit (three buffers
+        of it), its data inline (never a path on that host)."""
+        try:
+            model = Model.from_config(config["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad replica config: {exc}") from exc
+        if 3 * model.num_params() > policy.max_params:
+            raise ConfigError(f"a Sandblaster replica of {model} is over this node's "
+                              f"limit of {policy.max_params} parameters")
+        data = config.get("data")
+        if not isinstance(data, dict) or data.get("kind") != "inline":
+            raise ConfigError("a network peer's replica gets its data inline, inside the "
+                              "message; it cannot name data on this host")
 
     def __init__(self, index: int, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], data: dict[str, Any], slowdown: float = 1.0) -> None:
@@ -223,6 +240,8 @@ class SandblasterReplica(Actor):
 class Evaluator(Actor):
     """Beside the coordinator: fetches the parameters and measures test accuracy, so
     the coordinator never holds them. `evaluate` -> accuracy; `params` -> the vector."""
+
+    network_spawn = False  # lives on the driver's node
 
     def __init__(self, model: dict[str, Any], shards: list[ActorRef], bounds: list[list[int]],
                  x_test: np.ndarray, y_test: np.ndarray) -> None:

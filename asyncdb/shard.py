@@ -20,6 +20,7 @@ keep named vectors and the L-BFGS history for their slice (`shard_vectors.py`):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,12 +28,13 @@ from typing import Any
 import numpy as np
 
 from .actor import Actor, ActorRef
-from .engine import Updater
+from .engine import ENGINES, Updater
 from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
 from .shard_client import ShardClient
 from .shard_vectors import SliceVectors
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
 
@@ -58,6 +60,31 @@ class ParameterShard(Actor):
         self.update_seconds = 0.0
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's shard: a slice within the parameter limit, a known engine,
+        no more threads than this host has cores."""
+        values = config.get("values")
+        if not isinstance(values, np.ndarray):
+            raise ConfigError("a shard's values must be an array")
+        if values.size > policy.max_params:
+            raise ConfigError(f"a shard of {values.size} parameters is over this node's "
+                              f"limit of {policy.max_params}")
+        lbfgs = config.get("lbfgs")
+        if lbfgs is not None:
+            memory = lbfgs.get("memory", 10) if isinstance(lbfgs, dict) else None
+            if not isinstance(memory, int) or memory < 1:
+                raise ConfigError(f"bad L-BFGS memory {memory!r}")
+            if values.size * (5 + 2 * memory) > policy.max_params:
+                raise ConfigError(f"a Sandblaster shard of {values.size} parameters with "
+                                  f"{memory} history pairs is over this node's limit of "
+                                  f"{policy.max_params}")
+        if config.get("engine", "blocked") not in ENGINES:
+            raise ConfigError(f"unknown update engine; choose from {ENGINES}")
+        threads, cores = config.get("threads"), os.cpu_count() or 1
+        if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= cores):
+            raise ConfigError(f"a shard may use 1 to {cores} threads here, not {threads!r}")
 
     async def on_stop(self) -> None:
         self.updater.close()

@@ -157,8 +157,8 @@ async def test_shards_missing_portions_get_them_again_one_by_one(digits):
     setup = Setup(SoftmaxRegression(64, 10, dtype="float64"), digits)
     model, layout = setup.model, setup.layout
     rows = slice(0, 128)  # portions 0 and 1 at 64 rows each
-    loss, grads = model.data_loss_and_grad(layout.views(setup.x.copy()),
-                                           digits.x_train[rows], digits.y_train[rows])
+    _, grads = model.data_loss_and_grad(layout.views(setup.x.copy()),
+                                        digits.x_train[rows], digits.y_train[rows])
     partial = layout.flatten(grads, dtype=np.float64) * 128
     async with asyncdb.Node("driver") as node:
         await setup.spawn(node, [node.id] * 3, [node.id] * 2)

@@ -119,7 +119,7 @@ async def test_coordinator_bytes_do_not_grow_with_the_model(digits):
 async def test_sandblaster_across_serve_processes(tmp_path, digits):
     from test_ws import SECRET, Serve
 
-    peers = [Serve(tmp_path, "peer-a"), Serve(tmp_path, "peer-b")]
+    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1") for name in ("peer-a", "peer-b")]
     try:
         urls = [p.url for p in peers]
         model = SoftmaxRegression(64, 10, l2=L2, dtype="float64")

@@ -187,9 +187,10 @@ class SandblasterCoordinator(Actor):
     async def _entry(self, iteration: int, started: float, loss: float, gnorm: float,
                      step: Step | None, passes: Passes,
                      evaluator: ActorRef | None) -> dict[str, Any]:
+        elapsed = time.perf_counter() - started  # before the evaluation, which is not ours
         accuracy = None if evaluator is None else await evaluator.ask({"op": "evaluate"})
         entry = {
-            "iteration": iteration, "time": round(time.perf_counter() - started, 4),
+            "iteration": iteration, "time": round(elapsed, 4),
             "loss": loss, "grad_norm": gnorm,
             "step": None if step is None else step.alpha,
             "line_search_losses": 0 if step is None else step.losses,

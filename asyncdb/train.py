@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from asyncdb.models import MLP
 
-from . import datasets
+from . import datasets, sandblaster_cli
 from .cluster import Cluster, Run
 from .downpour import Downpour
 from .errors import ConfigError
@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=float, default=0.5, help="seconds between evaluations")
     add("--history", type=Path, help="where to write the run's history "
                                      "(default runs/train-<time>.json)")
+    sandblaster_cli.add_arguments(parser)  # --algorithm sandblaster and its options
 
 
 class ProgressBar:
@@ -109,6 +110,8 @@ async def train(args: argparse.Namespace) -> Run:
     else:
         cluster = Cluster.local(args.shards, args.replicas, colocate=args.colocate)
         where = "in node processes on this host"
+    if args.algorithm == "sandblaster":
+        return await sandblaster_cli.train(args, data, hidden, cluster, where)
     print(f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
           f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")

@@ -49,7 +49,7 @@ def _iteration_seconds(run: Run) -> float:
     """Median time between iterations, leaving out the first (it holds the first
     evaluation and the longer first line search)."""
     times = [e["time"] for e in run.history]
-    return statistics.median(b - a for a, b in itertools.pairwise(times[1:]))
+    return float(statistics.median(b - a for a, b in itertools.pairwise(times[1:])))
 
 
 async def _stragglers(s: Settings, data: Dataset, replicas: int, backups: bool,

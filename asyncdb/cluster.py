@@ -27,9 +27,10 @@ from .datasets import Dataset
 from .downpour import Downpour, Replica
 from .errors import ConfigError
 from .lbfgs import train_sandblaster
+from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import Adagrad, UpdateRule
-from .params import ParameterLayout
+from .params import Layout, ParameterLayout, PartitionedLayout, layout_of
 from .placement import InProcess, LocalProcesses, Placement, RemotePeers, split_rows
 from .process import LocalNodes
 from .sandblaster import Sandblaster
@@ -72,43 +73,54 @@ class Cluster:
     """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
 
     def __init__(self, placement: Placement, shards: int, replicas: int, *,
-                 ask_timeout: float | None = 120.0) -> None:
-        if shards < 1 or replicas < 1:
-            raise ConfigError("a cluster needs at least one shard and one replica")
+                 partitions: int = 1, ask_timeout: float | None = 120.0) -> None:
+        if shards < 1 or replicas < 1 or partitions < 1:
+            raise ConfigError("a cluster needs at least one shard, one replica and one "
+                              "partition per replica")
+        if shards < partitions:
+            raise ConfigError(f"{shards} shards for {partitions} partitions: each partition "
+                              "needs shards of its own (at least one shard per partition)")
         self.placement = placement
         self.shards = shards
         self.replicas = replicas
+        self.partitions = partitions
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
-        self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
+        self._started = False
+        self._live: tuple[Layout, list[ActorRef], list[tuple[int, int]]] | None = None
 
     @classmethod
-    def inproc(cls, shards: int = 1, replicas: int = 1, *,
+    def inproc(cls, shards: int = 1, replicas: int = 1, *, partitions: int = 1,
                ask_timeout: float | None = 120.0) -> Cluster:
         """Every actor in the caller's event loop (embedding, tests)."""
-        return cls(InProcess(), shards, replicas, ask_timeout=ask_timeout)
-
-    @classmethod
-    def local(cls, shards: int = 2, replicas: int = 2, *, colocate: bool = False,
-              ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> Cluster:
-        """One node process per shard and per replica on this host, shm rings between;
-        with `colocate=True`, one process per replica, shard i living in replica
-        i % replicas's process (fewer processes than cores to share)."""
-        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+        return cls(InProcess(), shards, replicas, partitions=partitions,
                    ask_timeout=ask_timeout)
 
     @classmethod
+    def local(cls, shards: int = 2, replicas: int = 2, *, partitions: int = 1,
+              colocate: bool = False, ring_bytes: int | None = None,
+              ask_timeout: float | None = 120.0) -> Cluster:
+        """One node process per shard and per replica on this host, shm rings between
+        (with `partitions`, one process per partition of each replica); with
+        `colocate=True`, no shard processes: shard i lives in the i-th replica (or
+        partition) process, round robin (fewer processes than cores to share)."""
+        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+                   partitions=partitions, ask_timeout=ask_timeout)
+
+    @classmethod
     def connect(cls, peers: Sequence[str], secret: bytes | str, *, shards: int | None = None,
-                replicas: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                replicas: int | None = None, partitions: int = 1,
+                ssl_context: ssl.SSLContext | None = None,
                 heartbeat: float = ws.DEFAULT_HEARTBEAT,
                 ask_timeout: float | None = 120.0) -> Cluster:
         """Nodes on other hosts, started with `asyncdb serve`, reached over websockets
         (ws:// or wss://). Shards and replicas are spread over the peers in turn; each
-        replica's slice of the training data is streamed to it from the driver."""
+        replica's slice of the training data is streamed to it from the driver. A
+        replica's partitions go to consecutive peers in turn, like replicas."""
         key = secret.encode() if isinstance(secret, str) else secret
         placement = RemotePeers(peers, key, ssl_context=ssl_context, heartbeat=heartbeat)
-        return cls(placement, shards or len(peers), replicas or len(peers),
-                   ask_timeout=ask_timeout)
+        return cls(placement, shards or max(len(peers), partitions),
+                   replicas or len(peers), partitions=partitions, ask_timeout=ask_timeout)
 
     @property
     def peer_ids(self) -> list[str]:
@@ -122,13 +134,39 @@ class Cluster:
         placement = self.placement
         return placement.nodes if isinstance(placement, LocalProcesses) else None
 
+    @property
+    def slots(self) -> int:
+        """Replica processes (or peers' turns): one per partition of each replica."""
+        return self.replicas * self.partitions
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Where every actor runs: one {role, index, node, pid, host, alive} per
+        coordinator, shard and replica (with partitions, per replica partition: role
+        "partition", index "R.P"), empty before the cluster has started."""
+        node = self.node
+        if node is None or node.closed or not self._started:
+            return []
+        shard_nodes, slot_nodes = self.placement.place(self.shards, self.slots)
+        live = {node.id, *node.peers()}
+        places: list[tuple[str, int | str, str]] = [("coordinator", 0, node.id)]
+        places += [("shard", i, n) for i, n in enumerate(shard_nodes)]
+        if self.partitions == 1:
+            places += [("replica", i, n) for i, n in enumerate(slot_nodes)]
+        else:
+            places += [("partition", f"{i // self.partitions}.{i % self.partitions}", n)
+                       for i, n in enumerate(slot_nodes)]
+        return [{"role": role, "index": i, "node": n, "pid": self.placement.pid(n),
+                 "host": self.placement.host(n), "alive": n in live}
+                for role, i, n in places]
+
     async def __aenter__(self) -> Cluster:
         self.node = Node(self.placement.driver_name(), ask_timeout=self.ask_timeout)
         try:
-            await self.placement.start(self.node, self.shards, self.replicas)
+            await self.placement.start(self.node, self.shards, self.slots)
         except BaseException:
             await self.close()
             raise
+        self._started = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -161,12 +199,12 @@ class Cluster:
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
         placement = self.placement
-        shard_nodes, replica_nodes = placement.place(self.shards, self.replicas)
-        layout = ParameterLayout(model.param_shapes())
+        shard_nodes, slot_nodes = placement.place(self.shards, self.slots)
+        layout = layout_of(model, self.partitions)
         bounds = layout.shard_bounds(self.shards)
         initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
         if shard_threads is None:
-            shard_threads = placement.shard_threads(self.shards, self.replicas)
+            shard_threads = placement.shard_threads(self.shards, self.slots)
         n = len(data.x_train)
         slices = split_rows(n, self.replicas)
         if any(hi - lo < algorithm.batch_size for lo, hi in slices):
@@ -191,17 +229,23 @@ class Cluster:
             self._live = (layout, shards, bounds)
             replicas = []
             for i in range(self.replicas):
-                ref = await node.spawn(Replica, node=replica_nodes[i], config={
-                    "index": i, "model": model.to_config(), "shards": shards,
-                    "bounds": [list(b) for b in bounds], "data": specs[i],
-                    "algorithm": algorithm.to_config(), "seed": seed})
+                config = {"data": specs[i], "algorithm": algorithm.to_config(), "seed": seed}
+                nodes = slot_nodes[i * self.partitions:(i + 1) * self.partitions]
+                if isinstance(layout, PartitionedLayout):
+                    ref, refs = await spawn_partitioned_replica(
+                        node, i, model, nodes, shards, bounds, layout.block_bounds, config)
+                    spawned += refs
+                else:
+                    ref = await node.spawn(Replica, node=nodes[0], config={
+                        **config, "index": i, "model": model.to_config(), "shards": shards,
+                        "bounds": [list(b) for b in bounds]})
+                    spawned.append(ref)
                 replicas.append(ref)
-            spawned += replicas
             coordinator = await node.spawn(Coordinator, config={
                 "model": model.to_config(), "shards": shards,
                 "bounds": [list(b) for b in bounds], "x_test": data.x_test,
                 "y_test": data.y_test, "eval_every": eval_every, "eval_rows": eval_rows,
-                "on_progress": on_progress})
+                "on_progress": on_progress, "partitions": self.partitions})
             spawned.append(coordinator)
             result = await coordinator.ask(
                 {"op": "run", "replicas": replicas, "slices": slices, "steps": per_replica,
@@ -212,10 +256,11 @@ class Cluster:
             await self._stop(spawned)
             rows.close()
         return Run(
-            history=result["history"], params=dict(layout.views(np.array(flat))),
+            history=result["history"], params=dict(layout.tensors(np.array(flat))),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
+                    "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
                     "engine": engine, "shard_threads": shard_threads, "seed": seed,
@@ -229,11 +274,20 @@ class Cluster:
         if epochs is not None or steps is not None or optimizer is not None:
             raise ConfigError("Sandblaster counts iterations, not epochs or steps, and has "
                               "no update rule: pass epochs=None and no steps or optimizer")
+        if self.partitions != 1:
+            raise ConfigError("Sandblaster runs whole replicas: use partitions=1")
         assert self.node is not None
         layout = ParameterLayout(model.param_shapes())
-        result = await train_sandblaster(self.node, self.placement, self.shards, self.replicas,
-                                         model, data, algorithm, seed=seed,
-                                         on_progress=on_progress)
+
+        def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
+            self._live = (layout, shards, bounds)
+
+        try:
+            result = await train_sandblaster(self.node, self.placement, self.shards,
+                                             self.replicas, model, data, algorithm, seed=seed,
+                                             on_progress=on_progress, on_shards=live)
+        finally:
+            self._live = None
         return Run(
             history=result["history"], params=dict(layout.views(np.array(result["params"]))),
             replicas={int(k): v for k, v in result["replicas"].items()},
@@ -248,7 +302,7 @@ class Cluster:
         if self._live is None:
             raise ConfigError("no training run is in progress")
         layout, shards, bounds = self._live
-        return layout.views(await fetch_parameters(shards, bounds, layout.size))
+        return layout.tensors(await fetch_parameters(shards, bounds, layout.size))
 
     async def _stop(self, refs: list[ActorRef]) -> None:
         assert self.node is not None

@@ -17,7 +17,7 @@ from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
 from .errors import ActorDead, ChannelClosed
-from .params import ParameterLayout
+from .params import layout_of
 from .registry import register_actor
 from .shard_client import ShardClient
 
@@ -37,15 +37,16 @@ class Coordinator(Actor):
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
                  eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None) -> None:
+                 on_progress: Progress | None = None, partitions: int = 1) -> None:
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
+        self.layout = layout_of(self.model, partitions)
         self.shards = ShardClient(shards, bounds)
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress
         self.history: list[dict[str, Any]] = []
+        self.lost: list[int] = []
         self._started = 0.0
 
     async def receive(self, message: dict[str, Any]) -> Any:
@@ -62,7 +63,7 @@ class Coordinator(Actor):
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
         stats = await self.shards.stats()
-        views = self.layout.views(flat)
+        views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
         accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
         progress = stats[0]["progress"].values()
@@ -80,6 +81,8 @@ class Coordinator(Actor):
             "staleness_max": max(int(s["staleness_max"]) for s in stats),
             "updates": updates,
             "replicas": alive,
+            "lost": list(self.lost),
+            **_activity(stats, progress),
         }
         self.history.append(entry)
         if self.on_progress is not None:
@@ -92,6 +95,7 @@ class Coordinator(Actor):
         self.history = []
         summaries: dict[int, dict[str, Any]] = {}
         lost: list[int] = []
+        self.lost = lost
         if warm_start_steps and replicas:
             warm = min(warm_start_steps, steps[0])
             log.info("warm start: replica 0 trains alone for %d steps", warm)
@@ -125,9 +129,26 @@ class Coordinator(Actor):
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "replicas": summaries, "lost": lost,
+        return {"history": self.history, "lost": lost,
+                "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
+
+
+def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
+    """Cumulative counts for dashboards and metrics: per replica (as its last push
+    reported them) and per shard."""
+    totals = {key: sum(int(p.get(key, 0)) for p in progress)
+              for key in ("fetches", "pushes", "skipped_fetches", "deferred_pushes")}
+    return {
+        **totals,
+        "replica_examples": {str(p["replica"]): int(p["examples"]) for p in progress},
+        "shard_updates": [int(s["updates"]) for s in stats],
+        "rejected": sum(int(s["rejected"]) for s in stats),
+        "update_seconds": sum(float(s["update_seconds"]) for s in stats),
+        "update_counts": [sum(c) for c in zip(*(s["update_counts"] for s in stats),
+                                              strict=True)],
+    }
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

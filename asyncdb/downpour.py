@@ -113,7 +113,7 @@ class Replica(Actor):
                  seed: int = 0) -> None:
         self.index = index
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
+        self.layout = self._parameter_layout()
         self.client = ShardClient(shards, bounds)
         self.algorithm = Downpour(**algorithm)
         self.arrays = open_arrays(data)
@@ -188,8 +188,7 @@ class Replica(Actor):
                 position = 0
             rows = np.sort(order[position:position + batch])
             position += batch
-            loss, _ = self.model.loss_and_grad(self.param_views, x[rows], y[rows],
-                                               self.grad_views)
+            loss = await self._compute(x[rows], y[rows])
             np.add(self.accum[0], self.grad, out=self.accum[0])
             self._pending_steps += 1
             self._loss_sum += loss
@@ -204,6 +203,15 @@ class Replica(Actor):
         await self._flush()
         seconds = time.perf_counter() - began
         return {**self.counts, "seconds": seconds, "replica": self.index}
+
+    def _parameter_layout(self) -> ParameterLayout:
+        """The parameters this replica fetches, trains and pushes (all of them)."""
+        return ParameterLayout(self.model.param_shapes())
+
+    async def _compute(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One mini-batch: the loss, and the gradient written into `self.grad`."""
+        loss, _ = self.model.loss_and_grad(self.param_views, x, y, self.grad_views)
+        return loss
 
     # -- fetching ---------------------------------------------------------------
 
@@ -234,7 +242,7 @@ class Replica(Actor):
     def _start_push(self) -> None:
         self.accum.reverse()  # accumulate into the other buffer while this one flies
         buffer = self.accum[1]
-        progress = {"replica": self.index, "examples": self.counts["examples"],
+        progress = {**self.counts, "replica": self.index,
                     "loss": self._loss_sum / max(1, self._loss_steps)}
         self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
         self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))

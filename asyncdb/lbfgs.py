@@ -217,10 +217,12 @@ class SandblasterCoordinator(Actor):
 
 async def train_sandblaster(node: Node, placement: Placement, shards: int, replicas: int,
                             model: Model, data: Dataset, algorithm: Sandblaster, *,
-                            seed: int = 0, on_progress: Any = None) -> dict[str, Any]:
+                            seed: int = 0, on_progress: Any = None,
+                            on_shards: Any = None) -> dict[str, Any]:
     """Spawn a Sandblaster run's shards, replicas, evaluator and coordinator where
     `placement` says, run it, stop them all; answers what `Run` is built from.
-    Every replica receives the whole training set once (any portion can go to it)."""
+    Every replica receives the whole training set once (any portion can go to it).
+    `on_shards(refs, bounds)` hears of the shards once they are up."""
     rows = len(data.x_train)
     algorithm.check(model, rows, replicas)
     layout = ParameterLayout(model.param_shapes())
@@ -242,6 +244,8 @@ async def train_sandblaster(node: Node, placement: Placement, shards: int, repli
                 "index": i, "values": initial[lo:hi], "optimizer": SGD().to_config(),
                 "threads": 1, "lbfgs": {"memory": algorithm.memory, "penalized": local}}))
         spawned += shard_refs
+        if on_shards is not None:
+            on_shards(shard_refs, bounds)
         replica_refs = []
         for i in range(replicas):
             slowdown = algorithm.slowdown[i] if i < len(algorithm.slowdown) else 1.0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,3 +59,11 @@ def test_train_sandblaster(tmp_path):
     assert saved["history"][-1]["test_accuracy"] > 0.9
     out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--portion-size", "0")
     assert out.returncode == 1 and "portion_size" in out.stderr
+
+
+def test_train_prints_the_dashboard_url(tmp_path):
+    out = asyncdb_cli("train", "--inproc", "--epochs", "1", "--dashboard",
+                      "--history", str(tmp_path / "h.json"))
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", out.stdout, re.M), out.stdout
+    assert re.search(r"ETA .* ex/s .* val acc .* staleness .* lost 0$", out.stdout, re.M)

@@ -27,6 +27,7 @@ from .errors import (
     Timeout,
     TrainingFailed,
     UpdateRejected,
+    VersionMismatch,
 )
 from .loop import run
 from .node import Node
@@ -78,6 +79,7 @@ __all__ = [
     "TrainingFailed",
     "UpdateRejected",
     "UpdateRule",
+    "VersionMismatch",
     "__version__",
     "datasets",
     "register_actor",

@@ -61,6 +61,23 @@ def test_train_sandblaster(tmp_path):
     assert out.returncode == 1 and "portion_size" in out.stderr
 
 
+@pytest.mark.slow
+def test_train_with_partitions(tmp_path):
+    history = tmp_path / "h.json"
+    out = asyncdb_cli("train", "--partitions", "2", "--epochs", "6", "--history", str(history))
+    assert out.returncode == 0, out.stderr
+    assert "2 replicas of 2 partitions" in out.stdout
+    saved = json.loads(history.read_text())
+    assert saved["config"]["partitions"] == 2 and saved["config"]["mode"] == "local"
+    assert saved["history"][-1]["test_accuracy"] > 0.9
+    assert all(r["exchange_bytes"] > 0 for r in saved["replicas"].values())
+
+
+def test_partitions_without_enough_shards_fail_clearly():
+    out = asyncdb_cli("train", "--inproc", "--partitions", "3", "--shards", "2")
+    assert out.returncode != 0 and "at least one shard per partition" in out.stderr
+
+
 def test_train_prints_the_dashboard_url(tmp_path):
     out = asyncdb_cli("train", "--inproc", "--epochs", "1", "--dashboard",
                       "--history", str(tmp_path / "h.json"))

@@ -42,6 +42,10 @@ def _bench(args: argparse.Namespace) -> int:
             result = run(sizes.run(settings))
         else:
             result = run(downpour.run(settings, repeat=args.repeat or 3))
+    elif args.what == "sandblaster":
+        from .bench import sandblaster
+
+        result = run(sandblaster.run(repeat=args.repeat or 3))
     elif args.what == "modelparallel":
         from .bench import modelparallel
 
@@ -129,11 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
-    bench.add_argument("what", choices=["transport", "downpour", "modelparallel"])
+    bench.add_argument("what", choices=["transport", "downpour", "modelparallel",
+                                        "sandblaster"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument("--repeat", type=int, default=None,
-                       help="runs per figure, medians reported (transport 5, downpour 3, "
-                            "modelparallel 3)")
+                       help="runs per figure, medians reported (transport 9, downpour 3, "
+                            "modelparallel 3, sandblaster 3)")
     bench.add_argument("--examples", type=int, help="downpour: training examples")
     bench.add_argument("--shards", type=int, help="downpour: parameter shards")
     bench.add_argument("--sizes", action="store_true",

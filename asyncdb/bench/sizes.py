@@ -88,12 +88,19 @@ def run_hogwild(spec: dict[str, Any], s: Settings, workers: int = 2) -> dict[str
             proc.stdin.close()
             procs.append(proc)
         reports = []
-        for proc in procs:
-            assert proc.stdout is not None
-            out = proc.stdout.read()
-            if proc.wait() != 0:
-                raise RuntimeError(f"a Hogwild! worker exited with code {proc.returncode}")
-            reports.append(json.loads(out.strip().splitlines()[-1]))
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                with proc.stdout:
+                    out = proc.stdout.read()
+                if proc.wait() != 0:
+                    raise RuntimeError(f"a Hogwild! worker exited with code {proc.returncode}")
+                reports.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         trained = np.fromfile(f"/proc/{os.getpid()}/fd/{fd}", np.float32)
     finally:
         os.close(fd)

@@ -26,6 +26,7 @@ from .errors import (
     RemoteTraceback,
     Timeout,
     UpdateRejected,
+    VersionMismatch,
 )
 from .loop import run
 from .node import Node
@@ -74,6 +75,7 @@ __all__ = [
     "Timeout",
     "UpdateRejected",
     "UpdateRule",
+    "VersionMismatch",
     "__version__",
     "datasets",
     "register_actor",

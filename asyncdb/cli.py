@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
                             "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
+    from . import plot
+
+    plotting = sub.add_parser("plot", help="draw accuracy and loss curves of saved runs")
+    plot.add_arguments(plotting)
+    plotting.set_defaults(func=plot.main)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour", "modelparallel",
                                         "sandblaster"])

@@ -25,7 +25,7 @@ from .data import SharedArrays, inline_arrays
 from .engine import default_threads
 from .errors import ConfigError
 from .node import SYSTEM, Node
-from .process import LocalNodes
+from .process import LocalNodes, NodeFailure
 
 
 class TrainingData:
@@ -79,6 +79,15 @@ class Placement:
 
     def host(self, node_id: str) -> str:
         return socket.gethostname()
+
+    def on_failure(self, callback: NodeFailure) -> None:
+        """Call `callback(node_id, reason)` when a node the placement started dies or
+        stops answering (never for an in-process placement: nothing there can die)."""
+
+    async def replace(self, node_id: str) -> str:
+        """A node to re-create the actors of failed node `node_id` on: a restarted
+        process, or another live peer. `ConfigError` when there is none."""
+        raise ConfigError(f"{self.name} placement cannot replace node {node_id}")
 
 
 class InProcess(Placement):
@@ -139,6 +148,14 @@ class LocalProcesses(Placement):
             return self.nodes.processes[node_id].pid
         return super().pid(node_id)
 
+    def on_failure(self, callback: NodeFailure) -> None:
+        assert self.nodes is not None
+        self.nodes.on_failure(callback)
+
+    async def replace(self, node_id: str) -> str:
+        assert self.nodes is not None
+        return await self.nodes.restart(node_id)
+
 
 class RemotePeers(Placement):
     """Nodes on other hosts (`asyncdb serve`) over websockets; shards and replicas are
@@ -157,6 +174,7 @@ class RemotePeers(Placement):
         self.ssl_context = ssl_context
         self.heartbeat = heartbeat
         self.peer_ids: list[str] = []
+        self._replacements = 0
 
     def driver_name(self) -> str:
         return f"driver-{socket.gethostname()}-{os.getpid()}"
@@ -196,6 +214,25 @@ class RemotePeers(Placement):
         info = self.node.peer_info.get(node_id)
         host = info.get("host") if isinstance(info, dict) else None
         return host if isinstance(host, str) else node_id
+
+    def on_failure(self, callback: NodeFailure) -> None:
+        assert self.node is not None
+        peers = self.peer_ids
+
+        def lost(peer: str, error: BaseException) -> None:
+            if peer in peers:
+                callback(peer, f"lost ({error})")
+
+        self.node.on_peer_lost(lost)
+
+    async def replace(self, node_id: str) -> str:
+        """Another live peer (a host that went away is not restarted from here)."""
+        assert self.node is not None
+        live = [p for p in self.peer_ids if p != node_id and p in self.node.peers()]
+        if not live:
+            raise ConfigError(f"peer {node_id} is lost and no other peer is left")
+        self._replacements += 1
+        return live[self._replacements % len(live)]
 
 
 def split_rows(n: int, parts: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ from .data import SharedArrays, inline_arrays
 from .engine import default_threads
 from .errors import ConfigError
 from .node import SYSTEM, Node
-from .process import LocalNodes, NodeFailure
+from .process import LocalNodes, NodeFailure, process_state
 
 
 class TrainingData:
@@ -88,6 +88,10 @@ class Placement:
         """A node to re-create the actors of failed node `node_id` on: a restarted
         process, or another live peer. `ConfigError` when there is none."""
         raise ConfigError(f"{self.name} placement cannot replace node {node_id}")
+
+    def alive(self, node_id: str) -> bool:
+        """Whether node `node_id` is still there, as far as can be told at once."""
+        return self.node is not None and node_id == self.node.id
 
 
 class InProcess(Placement):
@@ -155,6 +159,12 @@ class LocalProcesses(Placement):
     async def replace(self, node_id: str) -> str:
         assert self.nodes is not None
         return await self.nodes.restart(node_id)
+
+    def alive(self, node_id: str) -> bool:
+        if self.nodes is None or node_id not in self.nodes.processes:
+            return super().alive(node_id)
+        proc = self.nodes.processes[node_id]
+        return not proc.exited.done() and process_state(proc.pid) not in ("", "Z", "X")
 
 
 class RemotePeers(Placement):
@@ -233,6 +243,10 @@ class RemotePeers(Placement):
             raise ConfigError(f"peer {node_id} is lost and no other peer is left")
         self._replacements += 1
         return live[self._replacements % len(live)]
+
+    def alive(self, node_id: str) -> bool:
+        assert self.node is not None
+        return node_id in self.node.peers() or super().alive(node_id)
 
 
 def split_rows(n: int, parts: int) -> list[list[int]]:

@@ -105,21 +105,25 @@ class ShardClient:
 
     async def checkpoint(self) -> list[ShardCheckpoint]:
         """A copy of every shard's state, taken shard by shard."""
+        return await self._each(lambda i, _shard: self.checkpoint_shard(i))
 
-        async def one(_i: int, shard: ActorRef) -> ShardCheckpoint:
-            reply = await shard.ask({"op": "checkpoint"})
-            return ShardCheckpoint(reply["values"], dict(reply["state"]), int(reply["version"]))
-
-        return await self._each(one)
+    async def checkpoint_shard(self, index: int) -> ShardCheckpoint:
+        """A copy of shard `index`'s state."""
+        reply = await self.shards[index].ask({"op": "checkpoint"})
+        return ShardCheckpoint(reply["values"], dict(reply["state"]), int(reply["version"]))
 
     async def restore(self, checkpoints: Sequence[ShardCheckpoint]) -> list[int]:
         """Put every shard back to its checkpoint; returns the restored versions."""
         if len(checkpoints) != len(self.shards):
             raise ConfigError(f"{len(checkpoints)} checkpoints for {len(self.shards)} shards")
+        return await self._each(lambda i, _shard: self.restore_shard(i, checkpoints[i]))
 
-        async def one(i: int, shard: ActorRef) -> int:
-            saved = checkpoints[i]
-            return int(await shard.ask({"op": "restore", "values": saved.values,
-                                        "state": saved.state, "version": saved.version}))
+    async def restore_shard(self, index: int, saved: ShardCheckpoint) -> int:
+        """Put shard `index` back to `saved`; returns its restored version."""
+        return int(await self.shards[index].ask(
+            {"op": "restore", "values": saved.values, "state": saved.state,
+             "version": saved.version}))
 
-        return await self._each(one)
+    def replace(self, index: int, shard: ActorRef) -> None:
+        """Shard `index` now lives at `shard` (re-created after its node failed)."""
+        self.shards[index] = shard

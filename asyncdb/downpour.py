@@ -104,19 +104,22 @@ class RateLimit:
 
 @register_actor("asyncdb.Replica")
 class Replica(Actor):
-    """One model replica. `train` runs its part of a Downpour run and answers with a
-    summary; progress rides on its pushes (examples done, recent loss)."""
+    """One model replica. Each `train` message is one unit of work (steps over a range
+    of rows) and is answered with a summary; progress rides on its pushes (examples
+    done, recent loss). `generation` counts the incarnations of replica `index`: shards
+    refuse pushes from one that was replaced."""
 
     def __init__(self, index: int, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], data: dict[str, Any], algorithm: dict[str, Any],
-                 seed: int = 0) -> None:
+                 seed: int = 0, generation: int = 0) -> None:
         self.index = index
+        self.generation = generation
         self.model = Model.from_config(model)
         self.layout = ParameterLayout(self.model.param_shapes())
         self.client = ShardClient(shards, bounds)
         self.algorithm = Downpour(**algorithm)
         self.arrays = open_arrays(data)
-        self.rng = np.random.default_rng(seed + 7919 * index)
+        self.rng = np.random.default_rng([seed, index, generation])
         size = self.layout.size
         self.params = np.zeros(size, np.float32)
         self.grad = np.zeros(size, np.float32)
@@ -136,15 +139,24 @@ class Replica(Actor):
 
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
+            if message.get("shards") is not None:  # a shard was re-created elsewhere
+                self.client = ShardClient(message["shards"], self.client.bounds)
+            rows = message.get("rows")
             return await self.train(int(message["start"]), int(message["stop"]),
-                                    int(message["steps"]))
+                                    int(message["steps"]),
+                                    None if rows is None else open_arrays(rows))
         if message.get("op") == "counts":
             return dict(self.counts)
         raise ConfigError(f"replica: unknown op {message.get('op')!r}")
 
-    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
-        """Run `steps` mini-batches over rows [start, stop) of the training data."""
-        x, y = self.arrays["x"], self.arrays["y"]
+    async def train(self, start: int, stop: int, steps: int,
+                    rows: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Run `steps` mini-batches over rows [start, stop) of the training data (or of
+        `rows`, data that came with the unit because this replica does not hold it)."""
+        arrays = self.arrays if rows is None else rows
+        x, y = arrays["x"], arrays["y"]
+        if not 0 <= start < stop <= len(x):
+            raise ConfigError(f"replica {self.index}: rows [{start}, {stop}) out of {len(x)}")
         batch = self.algorithm.batch_size
         n_fetch, n_push = self.algorithm.n_fetch, self.algorithm.n_push
         began = time.perf_counter()
@@ -210,7 +222,8 @@ class Replica(Actor):
 
     async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
         try:
-            await self.client.push(buffer, self.versions, progress)
+            await self.client.push(buffer, self.versions, progress,
+                                   (self.index, self.generation))
         finally:
             buffer[...] = 0.0
         self.counts["pushes"] += 1

@@ -81,15 +81,19 @@ class ShardClient:
         return flat
 
     async def push(self, grad: np.ndarray, versions: Sequence[int],
-                   progress: dict[str, Any] | None = None) -> list[dict[str, int]]:
+                   progress: dict[str, Any] | None = None,
+                   sender: tuple[int, int] | None = None) -> list[dict[str, int]]:
         """Send each shard its slice of the flat gradient `grad`, with the version of the
-        parameters it was computed from; `progress` rides on shard 0's push. Each shard
+        parameters it was computed from; `progress` rides on shard 0's push; `sender`
+        (replica, generation) lets shards refuse a replaced incarnation. Each shard
         answers {"version", "staleness"} or raises `UpdateRejected`."""
 
         async def one(i: int, shard: ActorRef) -> dict[str, int]:
             lo, hi = self.bounds[i]
             message: dict[str, Any] = {"op": "push", "grad": grad[lo:hi],
                                        "version": int(versions[i])}
+            if sender is not None:
+                message["sender"] = list(sender)
             if i == 0 and progress is not None:
                 message["progress"] = progress
             reply: dict[str, int] = await shard.ask(message)
@@ -123,6 +127,15 @@ class ShardClient:
         return int(await self.shards[index].ask(
             {"op": "restore", "values": saved.values, "state": saved.state,
              "version": saved.version}))
+
+    async def fence(self, fences: dict[int, int], index: int | None = None) -> None:
+        """Make every shard (or shard `index`) refuse pushes from replica generations
+        below `fences[replica]`."""
+        message = {"op": "fence", "fences": {str(k): v for k, v in fences.items()}}
+        if index is not None:
+            await self.shards[index].ask(message)
+        else:
+            await self._each(lambda _i, shard: shard.ask(message))
 
     def replace(self, index: int, shard: ActorRef) -> None:
         """Shard `index` now lives at `shard` (re-created after its node failed)."""

@@ -9,7 +9,6 @@ one node process per shard and per replica on this host, linked by shared-memory
 from __future__ import annotations
 
 import json
-import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,17 +20,15 @@ import numpy as np
 from asyncdb.models import Model
 from asyncdb.transport import ws
 
-from .actor import ActorRef
-from .coordinator import Coordinator, Progress
+from .coordinator import Progress
 from .datasets import Dataset
-from .downpour import Downpour, Replica
+from .downpour import Downpour
 from .errors import ConfigError
 from .node import Node
 from .optim import Adagrad, UpdateRule
-from .params import ParameterLayout
-from .placement import InProcess, LocalProcesses, Placement, RemotePeers, split_rows
+from .placement import InProcess, LocalProcesses, Placement, RemotePeers
 from .process import LocalNodes
-from .shard import ParameterShard, fetch_parameters
+from .training import DownpourRun, Options
 
 
 @dataclass
@@ -47,6 +44,8 @@ class Run:
     lost: list[int]
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    units: dict[str, int] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -54,7 +53,7 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "history": self.history, "seconds": self.seconds,
-                "lost_replicas": self.lost,
+                "lost_replicas": self.lost, "events": self.events, "units": self.units,
                 "replicas": {str(k): v for k, v in self.replicas.items()},
                 "shards": [{k: v for k, v in s.items() if k != "progress"}
                            for s in self.shards]}
@@ -78,7 +77,7 @@ class Cluster:
         self.replicas = replicas
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
-        self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
+        self._live: DownpourRun | None = None
 
     @classmethod
     def inproc(cls, shards: int = 1, replicas: int = 1, *,
@@ -88,11 +87,15 @@ class Cluster:
 
     @classmethod
     def local(cls, shards: int = 2, replicas: int = 2, *, colocate: bool = False,
-              ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> Cluster:
+              ring_bytes: int | None = None, ask_timeout: float | None = 120.0,
+              liveness: float | None = 10.0) -> Cluster:
         """One node process per shard and per replica on this host, shm rings between;
         with `colocate=True`, one process per replica, shard i living in replica
-        i % replicas's process (fewer processes than cores to share)."""
-        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+        i % replicas's process (fewer processes than cores to share). A node process
+        that dies is noticed at once; one stopped (SIGSTOP) for `liveness` seconds is
+        taken as frozen and killed; either way it is restarted and its actors
+        re-created (see `train`)."""
+        return cls(LocalProcesses(colocate, ring_bytes, liveness), shards, replicas,
                    ask_timeout=ask_timeout)
 
     @classmethod
@@ -142,11 +145,18 @@ class Cluster:
                     epochs: float = 1.0, steps: int | None = None, seed: int = 0,
                     eval_every: float = 2.0, eval_rows: int = 2000,
                     engine: str = "blocked", shard_threads: int | None = None,
-                    on_progress: Progress | None = None) -> Run:
+                    on_progress: Progress | None = None,
+                    checkpoint_dir: str | Path | None = None,
+                    checkpoint_every: float | None = None, max_restarts: int = 10,
+                    resume: str | Path | None = None) -> Run:
         """Train `model` on `data` with Downpour SGD; return the run's history.
 
         `epochs`: passes over the training data, all replicas together (fractions
         allowed); `steps`: total mini-batches across replicas, instead of epochs.
+        Where nodes can fail (`local`, `connect`), the shards are checkpointed every
+        `checkpoint_every` seconds (default 10), to `checkpoint_dir` if given, and a
+        failed node is replaced up to `max_restarts` times; `resume` continues the run
+        whose checkpoints are in that directory (same model, data and settings).
         """
         node = self.node
         if node is None:
@@ -154,78 +164,36 @@ class Cluster:
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
         placement = self.placement
-        shard_nodes, replica_nodes = placement.place(self.shards, self.replicas)
-        layout = ParameterLayout(model.param_shapes())
-        bounds = layout.shard_bounds(self.shards)
-        initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
         if shard_threads is None:
             shard_threads = placement.shard_threads(self.shards, self.replicas)
-        n = len(data.x_train)
-        slices = split_rows(n, self.replicas)
-        if any(hi - lo < algorithm.batch_size for lo, hi in slices):
-            raise ConfigError(f"{n} training rows cannot give each of {self.replicas} "
-                              f"replicas a batch of {algorithm.batch_size}")
-        if steps is None:
-            per_replica = [max(1, math.ceil(epochs * (hi - lo) / algorithm.batch_size))
-                           for lo, hi in slices]
-        else:
-            per_replica = [math.ceil(steps / self.replicas)] * self.replicas
-        rows = placement.training_data(data.x_train, data.y_train, slices)
-        specs, slices = rows.specs, rows.slices
-        spawned: list[ActorRef] = []
+        options = Options(epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
+                          eval_rows=eval_rows, engine=engine, shard_threads=shard_threads,
+                          on_progress=on_progress, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every, max_restarts=max_restarts,
+                          resume=resume)
+        run = DownpourRun(node, placement, self.shards, self.replicas, model, data,
+                          algorithm, optimizer, options)
+        self._live = run
         try:
-            shards = []
-            for i, (lo, hi) in enumerate(bounds):
-                ref = await node.spawn(ParameterShard, node=shard_nodes[i], config={
-                    "index": i, "values": initial[lo:hi], "optimizer": optimizer.to_config(),
-                    "engine": engine, "threads": shard_threads})
-                shards.append(ref)
-            spawned += shards
-            self._live = (layout, shards, bounds)
-            replicas = []
-            for i in range(self.replicas):
-                ref = await node.spawn(Replica, node=replica_nodes[i], config={
-                    "index": i, "model": model.to_config(), "shards": shards,
-                    "bounds": [list(b) for b in bounds], "data": specs[i],
-                    "algorithm": algorithm.to_config(), "seed": seed})
-                replicas.append(ref)
-            spawned += replicas
-            coordinator = await node.spawn(Coordinator, config={
-                "model": model.to_config(), "shards": shards,
-                "bounds": [list(b) for b in bounds], "x_test": data.x_test,
-                "y_test": data.y_test, "eval_every": eval_every, "eval_rows": eval_rows,
-                "on_progress": on_progress})
-            spawned.append(coordinator)
-            result = await coordinator.ask(
-                {"op": "run", "replicas": replicas, "slices": slices, "steps": per_replica,
-                 "warm_start_steps": algorithm.warm_start_steps}, timeout=None)
-            flat = await coordinator.ask({"op": "params"})
+            result = await run.execute()
         finally:
             self._live = None
-            await self._stop(spawned)
-            rows.close()
+        layout = run.layout
         return Run(
-            history=result["history"], params=dict(layout.views(np.array(flat))),
+            history=result["history"], params=dict(layout.views(result["params"])),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
+            events=result["events"], units=result["units"],
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
                     "engine": engine, "shard_threads": shard_threads, "seed": seed,
-                    "data": data.name})
+                    "data": data.name, "checkpoint_dir": None if checkpoint_dir is None
+                    else str(checkpoint_dir), "checkpoint_every": checkpoint_every,
+                    "resume": None if resume is None else str(resume)})
 
     async def parameters(self) -> dict[str, np.ndarray]:
         """The current parameters of the run in progress, fetched from its shards."""
-        if self._live is None:
+        if self._live is None or self._live.client is None:
             raise ConfigError("no training run is in progress")
-        layout, shards, bounds = self._live
-        return layout.views(await fetch_parameters(shards, bounds, layout.size))
-
-    async def _stop(self, refs: list[ActorRef]) -> None:
-        assert self.node is not None
-        for ref in reversed(refs):
-            try:
-                await self.node.ref(ref.node_id, "_system").ask(
-                    {"op": "stop", "name": ref.name}, timeout=10)
-            except Exception:  # a node that died with its actors has nothing to stop
-                continue
+        return self._live.layout.views(await self._live.client.parameters())

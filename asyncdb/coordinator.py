@@ -1,7 +1,7 @@
-"""The coordinator: starts a Downpour run, hands each replica its slice of the data,
+"""The coordinator: runs a Downpour run as units of work handed to the replicas,
 evaluates the shards' current parameters on test data every few seconds, and ends
-the run when every replica has done its steps. A replica that dies is logged and the
-run goes on with the others."""
+the run when every unit is done. A unit whose replica (or a shard it needed) failed
+goes to another replica; with recovery, failed actors are re-created and go on."""
 
 from __future__ import annotations
 
@@ -16,10 +16,15 @@ import numpy as np
 from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
-from .errors import ActorDead, ChannelClosed
+from .data import inline_arrays
+from .downpour import Unit
+from .errors import ActorDead, ChannelClosed, ConfigError, Timeout
 from .params import ParameterLayout
+from .recovery import Checkpointer, Events, Recovery
 from .registry import register_actor
+from .scheduler import UnitScheduler
 from .shard_client import ShardClient
+from .workqueue import WorkQueue
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -28,16 +33,29 @@ Progress = Callable[[dict[str, Any]], None]
 
 @register_actor("asyncdb.Coordinator")
 class Coordinator(Actor):
-    """Lives on the driver's node. `on_progress` (a callable, so the coordinator must be
-    spawned in the driver's process) receives each history entry as it is made."""
+    """Lives on the driver's node, which holds what it is given beyond plain data:
+    `on_progress` receives each history entry as it is made; `client` is the run's
+    shard client (re-created shards are swapped into it); `recovery` and
+    `checkpointer` make the run survive failed nodes; `rows` and `homes` are the
+    training data and each replica's own rows, given when a replica holds only its own
+    (remote peers): a unit done by another replica then carries its rows."""
 
-    def __init__(self, model: dict[str, Any], shards: list[ActorRef],
-                 bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
-                 eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None) -> None:
+    def __init__(self, model: dict[str, Any], client: ShardClient, x_test: np.ndarray,
+                 y_test: np.ndarray, eval_every: float = 2.0, eval_rows: int = 2000,
+                 on_progress: Progress | None = None, events: Events | None = None,
+                 recovery: Recovery | None = None, checkpointer: Checkpointer | None = None,
+                 rows: tuple[np.ndarray, np.ndarray] | None = None,
+                 homes: list[list[int]] | None = None, done: list[int] | None = None) -> None:
         self.model = Model.from_config(model)
         self.layout = ParameterLayout(self.model.param_shapes())
-        self.shards = ShardClient(shards, bounds)
+        self.shards = client
+        self.events = events or Events()
+        self.recovery = recovery
+        self.checkpointer = checkpointer
+        self.rows = rows
+        self.homes = homes
+        self.done_before = list(done or [])  # units a resumed run did before
+        self.scheduler: UnitScheduler | None = None
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
@@ -47,8 +65,8 @@ class Coordinator(Actor):
 
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "run":
-            return await self.run(message["replicas"], message["slices"], message["steps"],
-                                  int(message.get("warm_start_steps", 0)))
+            units = [Unit(*u) for u in message["units"]]
+            return await self.run(message["replicas"], units)
         if message.get("op") == "params":
             return await self.params()
         raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
@@ -83,52 +101,91 @@ class Coordinator(Actor):
             self.on_progress(entry)
         return entry
 
-    async def run(self, replicas: list[ActorRef], slices: list[list[int]], steps: list[int],
-                  warm_start_steps: int) -> dict[str, Any]:
+    def stop(self) -> None:
+        """Hand out no more units; the run ends once the ones in flight are done."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    def unit_message(self, unit: Unit, replica: int) -> dict[str, Any]:
+        """What replica `replica` is asked to do for `unit`."""
+        message = {"op": "train", "start": unit.start, "stop": unit.stop, "steps": unit.steps,
+                   "shards": list(self.shards.shards)}
+        if self.rows is not None and self.homes is not None and unit.home != replica:
+            lo, hi = self.homes[unit.home]  # this replica does not hold those rows
+            message["rows"] = inline_arrays({"x": self.rows[0][lo:hi],
+                                             "y": self.rows[1][lo:hi]})
+        return message
+
+    async def run(self, replicas: list[ActorRef], units: list[Unit]) -> dict[str, Any]:
+        """Do every unit on the replicas (warm units on one replica first), evaluating
+        every `eval_every` seconds and checkpointing the shards as configured."""
         self._started = time.perf_counter()
         self.history = []
+        events = self.events
+        scheduler = UnitScheduler(replicas, events, recovery=self.recovery,
+                                  shard_nodes=self._shard_nodes)
+        self.scheduler = scheduler
         summaries: dict[int, dict[str, Any]] = {}
-        lost: list[int] = []
-        if warm_start_steps and replicas:
-            warm = min(warm_start_steps, steps[0])
-            log.info("warm start: replica 0 trains alone for %d steps", warm)
-            summaries[0] = await replicas[0].ask(
-                {"op": "train", "start": slices[0][0], "stop": slices[0][1], "steps": warm},
-                timeout=None)
-            steps = [steps[0] - warm, *steps[1:]]
-        tasks = {
-            asyncio.ensure_future(ref.ask({"op": "train", "start": lo, "stop": hi,
-                                           "steps": n}, timeout=None)): i
-            for i, (ref, (lo, hi), n) in enumerate(zip(replicas, slices, steps, strict=True))
-            if n > 0
-        }
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=self.eval_every)
-            for task in done:
-                index = tasks[task]
-                try:
-                    result = task.result()
-                except (ChannelClosed, ActorDead) as exc:
-                    lost.append(index)
-                    log.warning("replica %d lost (%s); training goes on with %d replicas",
-                                index, exc, len(replicas) - len(lost))
-                    continue
-                summaries[index] = _merge(summaries.get(index), result)
-            if pending:
-                await self.evaluate(self.eval_rows, len(replicas) - len(lost))
+        done: set[int] = set(self.done_before)
+        planned = len(done) + len(units)
+
+        def accept(unit: int, replica: int, result: dict[str, Any]) -> None:
+            summaries[replica] = _merge(summaries.get(replica), result)
+            done.add(units[unit].id)
+
+        def send(unit: int, replica: int) -> dict[str, Any]:
+            return self.unit_message(units[unit], replica)
+
+        if not units:
+            raise ConfigError("a run needs at least one unit of work")
+        background = [asyncio.ensure_future(self._evaluate_every(scheduler))]
+        if self.checkpointer is not None:
+            shards = len(self.shards)
+            self.checkpointer.state = lambda: {"done": sorted(done), "planned": planned,
+                                               "shards": shards}
+            await self.checkpointer.take()  # what a shard lost before the first period needs
+            background.append(asyncio.ensure_future(self.checkpointer.run()))
+        try:
+            warm = [i for i, u in enumerate(units) if u.warm]
+            if warm:
+                log.info("warm start: one replica trains alone for %d units", len(warm))
+                await scheduler.drain_in_turn(WorkQueue(warm), send, accept)
+            rest = [i for i, u in enumerate(units) if not u.warm]
+            if rest:
+                await scheduler.drain(WorkQueue(rest), scheduler.alive(), send, accept)
+            if self.recovery is not None:
+                await self.recovery.settled()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
         seconds = time.perf_counter() - self._started  # training only, not the final test
-        final = await self.evaluate(None, len(replicas) - len(lost))
-        examples = sum(int(s["examples"]) for s in summaries.values())
+        final = await self.evaluate(None, len(scheduler.alive()))
+        examples = sum(int(s["examples_done"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "replicas": summaries, "lost": lost,
-                "seconds": seconds,
-                "shards": await self.shards.stats()}
+        return {"history": self.history, "replicas": summaries, "lost": scheduler.lost,
+                "seconds": seconds, "shards": await self.shards.stats(),
+                "units": {"planned": planned, "done": len(done),
+                          "reassigned": scheduler.reassigned}}
+
+    async def _evaluate_every(self, scheduler: UnitScheduler) -> None:
+        while True:
+            await asyncio.sleep(self.eval_every)
+            try:
+                await self.evaluate(self.eval_rows, len(scheduler.alive()))
+            except (ChannelClosed, ActorDead, Timeout) as exc:  # a shard is being restored
+                log.info("evaluation skipped: %s", exc)
+
+    def _shard_nodes(self) -> list[str]:
+        return [ref.node_id for ref in self.shards.shards]
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
-    """A replica's counters are cumulative; its seconds add up across train calls."""
+    """A replica's counters are cumulative (per incarnation); its seconds and the
+    examples of the units it finished add up across units."""
+    examples = after["steps_done"] * after["batch_size"]
     if before is None:
-        return after
-    return {**after, "seconds": before["seconds"] + after["seconds"]}
+        return {**after, "examples_done": examples}
+    return {**after, "seconds": before["seconds"] + after["seconds"],
+            "examples_done": before["examples_done"] + examples}

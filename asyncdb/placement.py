@@ -25,16 +25,17 @@ from .data import SharedArrays, inline_arrays
 from .engine import default_threads
 from .errors import ConfigError
 from .node import SYSTEM, Node
-from .process import LocalNodes, NodeFailure, process_state
+from .process import DEFAULT_FROZEN_AFTER, LocalNodes, NodeFailure, process_state
 
 
 class TrainingData:
     """The training rows as each replica receives them; `close` frees what was shared."""
 
     def __init__(self, specs: list[dict[str, Any]], slices: list[list[int]],
-                 shared: SharedArrays | None = None) -> None:
+                 shared: SharedArrays | None = None, everywhere: bool = True) -> None:
         self.specs = specs
         self.slices = slices  # rows [lo, hi) of each replica's spec that are its own
+        self.everywhere = everywhere  # every replica holds every row
         self._shared = shared
 
     def close(self) -> None:
@@ -113,10 +114,12 @@ class LocalProcesses(Placement):
 
     name = "local"
 
-    def __init__(self, colocate: bool = False, ring_bytes: int | None = None) -> None:
+    def __init__(self, colocate: bool = False, ring_bytes: int | None = None,
+                 liveness: float | None = DEFAULT_FROZEN_AFTER) -> None:
         super().__init__()
         self.colocate = colocate
         self.ring_bytes = ring_bytes or DEFAULT_RING_BYTES
+        self.liveness = liveness
         self.nodes: LocalNodes | None = None
 
     def processes(self, shards: int, replicas: int) -> int:
@@ -125,7 +128,7 @@ class LocalProcesses(Placement):
     async def start(self, node: Node, shards: int, replicas: int) -> None:
         await super().start(node, shards, replicas)
         self.nodes = LocalNodes(node, self.processes(shards, replicas), prefix="node",
-                                ring_bytes=self.ring_bytes)
+                                ring_bytes=self.ring_bytes, frozen_after=self.liveness)
         await self.nodes.start()
 
     async def close(self) -> None:
@@ -211,7 +214,7 @@ class RemotePeers(Placement):
     def training_data(self, x: np.ndarray, y: np.ndarray,
                       slices: list[list[int]]) -> TrainingData:
         specs = [inline_arrays({"x": x[lo:hi], "y": y[lo:hi]}) for lo, hi in slices]
-        return TrainingData(specs, [[0, hi - lo] for lo, hi in slices])
+        return TrainingData(specs, [[0, hi - lo] for lo, hi in slices], everywhere=False)
 
     def pid(self, node_id: str) -> int | None:
         assert self.node is not None

@@ -92,23 +92,32 @@ class Checkpointer:
         self.latest: dict[int, ShardCheckpoint] = {}
         self.seconds = 0.0
         self.taken = 0
+        # The run's own state (plain data), read before the shards are: what it says
+        # is done is in every shard checkpoint of the same round. Saved only when
+        # every shard was checkpointed.
+        self.state: Callable[[], dict[str, Any]] | None = None
 
-    async def take(self, extra: dict[str, Any] | None = None) -> None:
+    async def take(self) -> None:
         """Checkpoint every shard that answers; a shard that does not keeps its last."""
         began = time.perf_counter()
+        state = None if self.state is None else self.state()
         results = await asyncio.gather(
             *(self.client.checkpoint_shard(i) for i in range(len(self.client))),
             return_exceptions=True)
+        complete = True
         for i, result in enumerate(results):
             if isinstance(result, BaseException):
                 log.info("shard %d not checkpointed this time: %r", i, result)
+                complete = False
                 continue
             self.latest[i] = result
             if self.store is not None:
                 arrays = {"values": result.values,
                           **{f"state.{k}": v for k, v in result.state.items()}}
                 await asyncio.to_thread(self.store.save, f"shard-{i}", arrays,
-                                        {"version": result.version, **(extra or {})})
+                                        {"version": result.version})
+        if complete and state is not None and self.store is not None:
+            await asyncio.to_thread(self.store.save, "run", {}, state)
         self.taken += 1
         self.seconds += time.perf_counter() - began
 
@@ -118,9 +127,7 @@ class Checkpointer:
             return self.latest[index]
         if self.store is None:
             raise CheckpointError(f"shard {index} has no checkpoint yet")
-        arrays, meta = self.store.load(f"shard-{index}")
-        state = {k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}
-        return ShardCheckpoint(arrays["values"], state, int(meta["version"]))
+        return load_shard(self.store, index)
 
     async def run(self) -> None:
         """Checkpoint every `every` seconds until cancelled."""
@@ -129,6 +136,15 @@ class Checkpointer:
         while True:
             await asyncio.sleep(self.every)
             await self.take()
+
+
+def load_shard(store: CheckpointStore, index: int) -> ShardCheckpoint:
+    """Shard `index`'s newest usable checkpoint in `store`."""
+    arrays, meta = store.load(f"shard-{index}")
+    if "values" not in arrays or not isinstance(meta.get("version"), int):
+        raise CheckpointError(f"shard {index}'s checkpoint in {store.directory} is malformed")
+    state = {k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}
+    return ShardCheckpoint(arrays["values"], state, int(meta["version"]))
 
 
 class Recovery:

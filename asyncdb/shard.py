@@ -75,7 +75,7 @@ class ParameterShard(Actor):
             return self.fence(message.get("fences"))
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
 
-    def fence(self, fences: Any) -> dict[int, int]:
+    def fence(self, fences: Any) -> dict[str, int]:
         """Refuse pushes from replica generations below `fences[replica]` from now on."""
         if not isinstance(fences, dict) or not all(
                 isinstance(k, str) and k.isdigit() and type(v) is int and v >= 0
@@ -84,7 +84,7 @@ class ParameterShard(Actor):
         for replica, generation in fences.items():
             index = int(replica)
             self.fences[index] = max(self.fences.get(index, 0), generation)
-        return dict(self.fences)
+        return {str(k): v for k, v in self.fences.items()}
 
     def _check_sender(self, sender: Any) -> None:
         if sender is None:

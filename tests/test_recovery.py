@@ -41,7 +41,7 @@ async def _run_with_fault(data, *, victim: str, sig: int, tmp_path: Path,
         training = asyncio.create_task(cluster.train(
             _model(), data, algorithm=algorithm, epochs=6, eval_every=0.1,
             checkpoint_dir=tmp_path / "ckpt", checkpoint_every=0.2,
-            on_progress=lambda entry: under_way.set()))
+            on_progress=lambda entry: entry["time"] > 0.6 and under_way.set()))
         await asyncio.wait_for(under_way.wait(), 60)
         assert not training.done()
         pid = cluster.nodes.processes[target].pid
@@ -66,8 +66,8 @@ async def test_kill_9_of_a_process_does_not_lose_the_run(teacher, victim, tmp_pa
     assert "died" in failure[0]["reason"]
     recovered = _events(run, "recovered")
     assert [(e["role"], e["index"], e["generation"]) for e in recovered] == [(victim, 1, 1)]
-    if victim == "shard":
-        assert len(_events(run, "restored")) == 1
+    if victim == "shard":  # from a checkpoint taken during the run, not initial values
+        assert [e["version"] > 0 for e in _events(run, "restored")] == [True]
     assert run.final["test_accuracy"] > 0.6
 
 

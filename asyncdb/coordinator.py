@@ -38,7 +38,10 @@ class Coordinator(Actor):
     shard client (re-created shards are swapped into it); `recovery` and
     `checkpointer` make the run survive failed nodes; `rows` and `homes` are the
     training data and each replica's own rows, given when a replica holds only its own
-    (remote peers): a unit done by another replica then carries its rows."""
+    (remote peers): a unit done by another replica then carries its rows.
+    Network peers cannot spawn one."""
+
+    network_spawn = False
 
     def __init__(self, model: dict[str, Any], client: ShardClient, x_test: np.ndarray,
                  y_test: np.ndarray, eval_every: float = 2.0, eval_rows: int = 2000,

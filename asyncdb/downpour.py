@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .params import ParameterLayout
 from .registry import register_actor
 from .shard_client import ShardClient
+from .system import PeerPolicy
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,32 @@ class Replica(Actor):
         self._loss_sum = 0.0
         self._loss_steps = 0
 
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's replica: a model within the parameter limit, its data
+        inline (never a path here), buffers within the data limit."""
+        try:
+            model = Model.from_config(config["model"])
+            batch = int(Downpour(**config["algorithm"]).batch_size)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad replica config: {exc}") from exc
+        params = model.num_params()
+        if params > policy.max_params:
+            raise ConfigError(f"a replica of {model} has {params} parameters, over this "
+                              f"node's limit of {policy.max_params}")
+        data = config.get("data")
+        if not isinstance(data, dict) or data.get("kind") != "inline":
+            raise ConfigError("a network peer's replica gets its data inline, inside the "
+                              "message; it cannot name data on this host")
+        rows = min((len(a) for a in (data.get("arrays") or {}).values()
+                    if isinstance(a, np.ndarray) and a.ndim), default=0)
+        units = sum(int(s) for s in getattr(model, "sizes", ()))
+        activations = 3 * 4 * min(batch, rows) * units
+        if activations > policy.max_data_bytes:
+            raise ConfigError(f"batches of {batch} rows through {model} need about "
+                              f"{activations} bytes, over this node's limit of "
+                              f"{policy.max_data_bytes}")
+
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
             shards = message.get("shards")
@@ -203,8 +230,9 @@ class Replica(Actor):
         `unit_rows`, data that came with the unit because this replica does not hold it)."""
         arrays = self.arrays if unit_rows is None else unit_rows
         x, y = arrays["x"], arrays["y"]
-        if not 0 <= start < stop <= len(x):
-            raise ConfigError(f"replica {self.index}: rows [{start}, {stop}) out of {len(x)}")
+        if not 0 <= start < stop <= len(x) or steps < 0:
+            raise ConfigError(f"replica {self.index}: rows [{start}, {stop}) and {steps} steps "
+                              f"do not fit its {len(x)} rows of data")
         batch = self.algorithm.batch_size
         n_fetch, n_push = self.algorithm.n_fetch, self.algorithm.n_push
         began = time.perf_counter()

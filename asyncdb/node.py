@@ -32,20 +32,21 @@ from .errors import (
     Timeout,
     error_from_remote,
 )
-from .registry import register_actor, resolve, type_name
+from .registry import resolve, type_name
 from .supervisor import Policy, Supervisor
+from .system import SYSTEM, PeerPolicy, Request, SystemActor
 
 log = logging.getLogger("asyncdb.node")
 
-SYSTEM = "_system"
 PeerLost = Callable[[str, BaseException], None]
 
 
 class Node:
     """Hosts actors in the running event loop. Create it inside a coroutine.
 
-    `allow_import`: whether `module:qualname` actor types may be imported when a peer
-    asks to spawn one (true for processes this host spawned, false for network peers).
+    `allow_import`: whether `module:qualname` actor types may be imported when a
+    trusted peer asks to spawn one (`asyncdb serve` nodes never import). `policy`: what
+    network peers may ask for (see `asyncdb.system`).
     """
 
     def __init__(self, node_id: str = "local", *, supervisor: Supervisor | None = None,
@@ -66,6 +67,8 @@ class Node:
         self._names = itertools.count(1)
         self._peer_lost: list[PeerLost] = []
         self._owned: dict[str, list[str]] = {}  # peer -> actors it spawned here
+        self._trusted: set[str] = set()  # peers this host spawned (shm links)
+        self.policy = PeerPolicy()
         self._closed = asyncio.Event()
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -83,7 +86,7 @@ class Node:
         if node is not None and node != self.id:
             tname = actor_type if isinstance(actor_type, str) else type_name(actor_type)
             request = {"op": "spawn", "type": tname, "name": name, "config": config or {},
-                       "policy": None if policy is None else str(policy), "owner": self.id}
+                       "policy": None if policy is None else str(policy)}
             ref: ActorRef = await self.ref(node, SYSTEM).ask(request)
             return ref
         cls = resolve(actor_type, self.allow_import) if isinstance(actor_type, str) else actor_type
@@ -124,6 +127,14 @@ class Node:
             return
         cell.stop()
         await asyncio.shield(cell.task)
+
+    def own(self, owner: str, name: str) -> None:
+        """Record that peer `owner` spawned actor `name`: it stops when `owner`'s
+        channel is lost."""
+        self._owned.setdefault(owner, []).append(name)
+
+    def owned_by(self, owner: str) -> list[str]:
+        return list(self._owned.get(owner, ()))
 
     def forget(self, cell: Cell) -> None:
         if self._cells.get(cell.name) is cell:
@@ -239,12 +250,16 @@ class Node:
 
     # -- channels ---------------------------------------------------------------
 
-    def connect(self, peer: str, channel: Channel, info: Any = None) -> None:
+    def connect(self, peer: str, channel: Channel, info: Any = None, *,
+                trusted: bool = False) -> None:
         """Route refs on node `peer` through `channel`, and say hello on it (with this
-        process's pid and host unless `info` says otherwise)."""
+        process's pid and host unless `info` says otherwise). `trusted`: the peer is a
+        process this host spawned (see `asyncdb.system`)."""
         if peer in self._channels:
             raise ConfigError(f"node {self.id} already has a channel to {peer}")
         self._channels[peer] = channel
+        if trusted:
+            self._trusted.add(peer)
         self._hello.setdefault(peer, self.loop.create_future())
         self._readers[peer] = self.loop.create_task(self._read(peer, channel),
                                                     name=f"read:{self.id}<-{peer}")
@@ -257,6 +272,9 @@ class Node:
         """Wait for `peer`'s hello on its channel; return the info it sent."""
         future = self._hello.setdefault(peer, self.loop.create_future())
         return await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    def trusts(self, peer: str) -> bool:
+        return peer in self._trusted and peer in self._channels
 
     def peers(self) -> list[str]:
         return [p for p, ch in self._channels.items() if not ch.closed]
@@ -301,6 +319,8 @@ class Node:
             return
         del self._channels[peer]
         self._readers.pop(peer, None)
+        self._trusted.discard(peer)
+        self.peer_info.pop(peer, None)
         hello = self._hello.pop(peer, None)
         if hello is not None and not hello.done():
             hello.set_exception(ChannelClosed(f"node {peer} closed before saying hello"))
@@ -345,6 +365,8 @@ class Node:
             body = meta[-1]
             if frame.borrowed and not cell.actor.borrow_arrays:
                 body = codec.own_arrays(body)
+            if name == SYSTEM:  # the system actor judges requests by where they came from
+                body = Request(peer, body)
             cell.put(body, reply)
             if len(cell.mailbox) >= MAILBOX_HIGH:
                 return cell.room()
@@ -421,37 +443,3 @@ def _expire(future: asyncio.Future[Any], ref: ActorRef, timeout: float) -> None:
     if not future.done():
         future.set_exception(Timeout(f"no answer from {ref.name}@{ref.node_id} "
                                      f"within {timeout:g} s"))
-
-
-@register_actor("asyncdb.System")
-class SystemActor(Actor):
-    """Every node's own actor: spawns and stops actors at a peer's request."""
-
-    async def receive(self, message: Any) -> Any:
-        if not isinstance(message, dict):
-            raise ConfigError(f"system actor got {type(message).__name__}, expected a dict")
-        op = message.get("op")
-        node = self.node
-        if op == "spawn":
-            config = message.get("config") or {}
-            if not isinstance(config, dict):
-                raise ConfigError("spawn config must be a dict")
-            ref = await node.spawn(str(message["type"]), name=message.get("name"),
-                                   config=config, policy=message.get("policy"))
-            owner = message.get("owner")
-            if isinstance(owner, str) and owner != node.id:
-                node._owned.setdefault(owner, []).append(ref.name)
-            return ref
-        if op == "stop":
-            await node.stop_actor(str(message["name"]))
-            return None
-        if op == "ping":
-            return {"node": node.id, "actors": node.actors(), "peers": node.peers()}
-        if op == "dial":
-            if node.dialer is None:
-                raise ConfigError(f"node {node.id} cannot dial other nodes")
-            return await node.dialer(str(message["url"]))
-        if op == "shutdown":
-            node.loop.call_soon(lambda: node.background(node.close()))
-            return None
-        raise ConfigError(f"system actor: unknown op {op!r}")

@@ -44,7 +44,7 @@ async def serve(config: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: node.background(node.close()))
     for peer, end in child_config_links(config):
-        node.connect(peer, ShmChannel(end))
+        node.connect(peer, ShmChannel(end), trusted=True)  # the driver and siblings
     control = socket.socket(fileno=int(config["control_fd"]))
     control.setblocking(False)
 
@@ -57,7 +57,7 @@ async def serve(config: dict[str, Any]) -> int:
         if link is None:
             loop.remove_reader(control.fileno())
             return
-        node.connect(link[0], ShmChannel(link[1]))
+        node.connect(link[0], ShmChannel(link[1]), trusted=True)
 
     loop.add_reader(control.fileno(), on_link)
     try:

@@ -34,7 +34,8 @@ from typing import Any
 from asyncdb.transport.shm import DEFAULT_RING_BYTES, ShmChannel, ShmEndpoint, create_link
 
 from .errors import AsyncDBError, ChannelClosed
-from .node import SYSTEM, Node
+from .node import Node
+from .system import SYSTEM
 
 log = logging.getLogger("asyncdb.process")
 
@@ -132,7 +133,7 @@ class LocalNodes:
                 for _peer, end in links[child]:
                     end.close_fds()  # the child has its own copies now
         for peer, end in links[self.node.id]:
-            self.node.connect(peer, ShmChannel(end))
+            self.node.connect(peer, ShmChannel(end), trusted=True)  # our own children
         await asyncio.wait_for(self._await_hellos(self.ids), self.startup_timeout)
         if self.frozen_after is not None:
             self._monitor = self.node.background(self._watch_stopped(self.frozen_after))
@@ -173,7 +174,7 @@ class LocalNodes:
                 end.close_fds()
         assert driver_end is not None
         self.ids[self.ids.index(node_id)] = new_id
-        self.node.connect(new_id, ShmChannel(driver_end))
+        self.node.connect(new_id, ShmChannel(driver_end), trusted=True)
         await asyncio.wait_for(self._await_hellos([new_id]), self.startup_timeout)
         log.info("node %s restarted as %s (pid %d)", node_id, new_id,
                  self.processes[new_id].pid)

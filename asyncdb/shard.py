@@ -12,6 +12,7 @@ Messages (dicts with an "op"; `ShardClient` is the caller's side):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from .actor import Actor, ActorRef
-from .engine import Updater
+from .engine import ENGINES, Updater
 from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
 from .shard_client import ShardClient
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
 
@@ -49,6 +51,22 @@ class ParameterShard(Actor):
         # incarnation that was replaced (it froze, then woke up) is refused
         self.fences: dict[int, int] = {}
         self.fenced = 0
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's shard: a slice within the parameter limit, a known engine,
+        no more threads than this host has cores."""
+        values = config.get("values")
+        if not isinstance(values, np.ndarray):
+            raise ConfigError("a shard's values must be an array")
+        if values.size > policy.max_params:
+            raise ConfigError(f"a shard of {values.size} parameters is over this node's "
+                              f"limit of {policy.max_params}")
+        if config.get("engine", "blocked") not in ENGINES:
+            raise ConfigError(f"unknown update engine; choose from {ENGINES}")
+        threads, cores = config.get("threads"), os.cpu_count() or 1
+        if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= cores):
+            raise ConfigError(f"a shard may use 1 to {cores} threads here, not {threads!r}")
 
     async def on_stop(self) -> None:
         self.updater.close()

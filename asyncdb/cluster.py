@@ -69,47 +69,56 @@ class Cluster:
     """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
 
     def __init__(self, placement: Placement, shards: int, replicas: int, *,
-                 ask_timeout: float | None = 120.0) -> None:
-        if shards < 1 or replicas < 1:
-            raise ConfigError("a cluster needs at least one shard and one replica")
+                 partitions: int = 1, ask_timeout: float | None = 120.0) -> None:
+        if shards < 1 or replicas < 1 or partitions < 1:
+            raise ConfigError("a cluster needs at least one shard, one replica and one "
+                              "partition per replica")
+        if shards < partitions:
+            raise ConfigError(f"{shards} shards for {partitions} partitions: each partition "
+                              "needs shards of its own (at least one shard per partition)")
         self.placement = placement
         self.shards = shards
         self.replicas = replicas
+        self.partitions = partitions
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
         self._live: DownpourRun | None = None
 
     @classmethod
-    def inproc(cls, shards: int = 1, replicas: int = 1, *,
+    def inproc(cls, shards: int = 1, replicas: int = 1, *, partitions: int = 1,
                ask_timeout: float | None = 120.0) -> Cluster:
         """Every actor in the caller's event loop (embedding, tests)."""
-        return cls(InProcess(), shards, replicas, ask_timeout=ask_timeout)
-
-    @classmethod
-    def local(cls, shards: int = 2, replicas: int = 2, *, colocate: bool = False,
-              ring_bytes: int | None = None, ask_timeout: float | None = 120.0,
-              liveness: float | None = 10.0) -> Cluster:
-        """One node process per shard and per replica on this host, shm rings between;
-        with `colocate=True`, one process per replica, shard i living in replica
-        i % replicas's process (fewer processes than cores to share). A node process
-        that dies is noticed at once; one stopped (SIGSTOP) for `liveness` seconds is
-        taken as frozen and killed; either way it is restarted and its actors
-        re-created (see `train`)."""
-        return cls(LocalProcesses(colocate, ring_bytes, liveness), shards, replicas,
+        return cls(InProcess(), shards, replicas, partitions=partitions,
                    ask_timeout=ask_timeout)
 
     @classmethod
+    def local(cls, shards: int = 2, replicas: int = 2, *, partitions: int = 1,
+              colocate: bool = False, ring_bytes: int | None = None,
+              ask_timeout: float | None = 120.0, liveness: float | None = 10.0) -> Cluster:
+        """One node process per shard and per replica on this host, shm rings between
+        (with `partitions`, one process per partition of each replica); with
+        `colocate=True`, no shard processes: shard i lives in the i-th replica (or
+        partition) process, round robin (fewer processes than cores to share). A node
+        process that dies is noticed at once; one stopped (SIGSTOP) for `liveness`
+        seconds is taken as frozen and killed; either way it is restarted and its
+        actors re-created (see `train`)."""
+        return cls(LocalProcesses(colocate, ring_bytes, liveness), shards, replicas,
+                   partitions=partitions, ask_timeout=ask_timeout)
+
+    @classmethod
     def connect(cls, peers: Sequence[str], secret: bytes | str, *, shards: int | None = None,
-                replicas: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                replicas: int | None = None, partitions: int = 1,
+                ssl_context: ssl.SSLContext | None = None,
                 heartbeat: float = ws.DEFAULT_HEARTBEAT,
                 ask_timeout: float | None = 120.0) -> Cluster:
         """Nodes on other hosts, started with `asyncdb serve`, reached over websockets
         (ws:// or wss://). Shards and replicas are spread over the peers in turn; each
-        replica's slice of the training data is streamed to it from the driver."""
+        replica's slice of the training data is streamed to it from the driver. A
+        replica's partitions go to consecutive peers in turn, like replicas."""
         key = secret.encode() if isinstance(secret, str) else secret
         placement = RemotePeers(peers, key, ssl_context=ssl_context, heartbeat=heartbeat)
-        return cls(placement, shards or len(peers), replicas or len(peers),
-                   ask_timeout=ask_timeout)
+        return cls(placement, shards or max(len(peers), partitions),
+                   replicas or len(peers), partitions=partitions, ask_timeout=ask_timeout)
 
     @property
     def peer_ids(self) -> list[str]:
@@ -123,10 +132,15 @@ class Cluster:
         placement = self.placement
         return placement.nodes if isinstance(placement, LocalProcesses) else None
 
+    @property
+    def slots(self) -> int:
+        """Replica processes (or peers' turns): one per partition of each replica."""
+        return self.replicas * self.partitions
+
     async def __aenter__(self) -> Cluster:
         self.node = Node(self.placement.driver_name(), ask_timeout=self.ask_timeout)
         try:
-            await self.placement.start(self.node, self.shards, self.replicas)
+            await self.placement.start(self.node, self.shards, self.slots)
         except BaseException:
             await self.close()
             raise
@@ -165,14 +179,14 @@ class Cluster:
         optimizer = optimizer or Adagrad()
         placement = self.placement
         if shard_threads is None:
-            shard_threads = placement.shard_threads(self.shards, self.replicas)
+            shard_threads = placement.shard_threads(self.shards, self.slots)
         options = Options(epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
                           eval_rows=eval_rows, engine=engine, shard_threads=shard_threads,
                           on_progress=on_progress, checkpoint_dir=checkpoint_dir,
                           checkpoint_every=checkpoint_every, max_restarts=max_restarts,
                           resume=resume)
         run = DownpourRun(node, placement, self.shards, self.replicas, model, data,
-                          algorithm, optimizer, options)
+                          algorithm, optimizer, options, partitions=self.partitions)
         self._live = run
         try:
             result = await run.execute()
@@ -180,11 +194,12 @@ class Cluster:
             self._live = None
         layout = run.layout
         return Run(
-            history=result["history"], params=dict(layout.views(result["params"])),
+            history=result["history"], params=dict(layout.tensors(result["params"])),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
             events=result["events"], units=result["units"],
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
+                    "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
                     "engine": engine, "shard_threads": shard_threads, "seed": seed,
@@ -196,4 +211,4 @@ class Cluster:
         """The current parameters of the run in progress, fetched from its shards."""
         if self._live is None or self._live.client is None:
             raise ConfigError("no training run is in progress")
-        return self._live.layout.views(await self._live.client.parameters())
+        return self._live.layout.tensors(await self._live.client.parameters())

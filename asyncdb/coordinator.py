@@ -19,7 +19,7 @@ from .actor import Actor, ActorRef
 from .data import inline_arrays
 from .downpour import Unit
 from .errors import ActorDead, ChannelClosed, ConfigError, Timeout
-from .params import ParameterLayout
+from .params import layout_of
 from .recovery import Checkpointer, Events, Recovery
 from .registry import register_actor
 from .scheduler import UnitScheduler
@@ -48,9 +48,10 @@ class Coordinator(Actor):
                  on_progress: Progress | None = None, events: Events | None = None,
                  recovery: Recovery | None = None, checkpointer: Checkpointer | None = None,
                  rows: tuple[np.ndarray, np.ndarray] | None = None,
-                 homes: list[list[int]] | None = None, done: list[int] | None = None) -> None:
+                 homes: list[list[int]] | None = None, done: list[int] | None = None,
+                 partitions: int = 1) -> None:
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
+        self.layout = layout_of(self.model, partitions)
         self.shards = client
         self.events = events or Events()
         self.recovery = recovery
@@ -80,7 +81,7 @@ class Coordinator(Actor):
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
         stats = await self.shards.stats()
-        views = self.layout.views(flat)
+        views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
         accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
         progress = stats[0]["progress"].values()
@@ -167,7 +168,8 @@ class Coordinator(Actor):
         examples = sum(int(s["examples_done"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "replicas": summaries, "lost": scheduler.lost,
+        return {"history": self.history, "lost": scheduler.lost,
+                "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds, "shards": await self.shards.stats(),
                 "units": {"planned": planned, "done": len(done),
                           "reassigned": scheduler.reassigned}}

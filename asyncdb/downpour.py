@@ -157,7 +157,7 @@ class Replica(Actor):
         self.index = index
         self.generation = generation
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
+        self.layout = self._parameter_layout()
         self.client = ShardClient(shards, bounds)
         self.algorithm = Downpour(**algorithm)
         self.arrays = open_arrays(data)
@@ -247,8 +247,7 @@ class Replica(Actor):
                 position = 0
             rows = np.sort(order[position:position + batch])
             position += batch
-            loss, _ = self.model.loss_and_grad(self.param_views, x[rows], y[rows],
-                                               self.grad_views)
+            loss = await self._compute(x[rows], y[rows])
             np.add(self.accum[0], self.grad, out=self.accum[0])
             self._pending_steps += 1
             self._loss_sum += loss
@@ -280,6 +279,15 @@ class Replica(Actor):
                                           + self._pending_steps)
         self._pending_steps, self._loss_sum, self._loss_steps = 0, 0.0, 0
         self._stale = True
+
+    def _parameter_layout(self) -> ParameterLayout:
+        """The parameters this replica fetches, trains and pushes (all of them)."""
+        return ParameterLayout(self.model.param_shapes())
+
+    async def _compute(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One mini-batch: the loss, and the gradient written into `self.grad`."""
+        loss, _ = self.model.loss_and_grad(self.param_views, x, y, self.grad_views)
+        return loss
 
     # -- fetching ---------------------------------------------------------------
 

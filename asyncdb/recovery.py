@@ -168,6 +168,9 @@ class Recovery:
     def track(self, role: str, index: int, node: str, ref: ActorRef, respawn: Respawn) -> None:
         self.sites[(role, index)] = Site(role, index, node, ref, respawn)
 
+    def tracks(self, role: str, index: int) -> bool:
+        return (role, index) in self.sites
+
     def current(self, role: str, index: int) -> Site:
         return self.sites[(role, index)]
 

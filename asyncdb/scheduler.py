@@ -58,7 +58,7 @@ class UnitScheduler:
         return [i for i in range(len(self.refs)) if i not in self.lost]
 
     def ref(self, replica: int) -> ActorRef:
-        if self.recovery is not None:
+        if self.recovery is not None and self.recovery.tracks("replica", replica):
             return self.recovery.current("replica", replica).ref
         return self.refs[replica]
 
@@ -121,15 +121,17 @@ class UnitScheduler:
     async def _survives(self, replica: int, error: BaseException, failures: int) -> bool:
         """After a failed unit: whether `replica` goes on (its new incarnation, or the
         same one when something else failed)."""
-        if self.recovery is None or failures >= MAX_FAILURES:
+        recovery = self.recovery
+        if recovery is None or not recovery.tracks("replica", replica) \
+                or failures >= MAX_FAILURES:
             self.lost.append(replica)
             log.warning("replica %d lost (%s); training goes on with %d replicas",
                         replica, error, len(self.alive()))
             self.events.record("lost", role="replica", index=replica, reason=str(error))
             return False
-        site = self.recovery.current("replica", replica)
-        self.recovery.suspect([site.node, *self.shard_nodes()])
-        await self.recovery.settled()
+        site = recovery.current("replica", replica)
+        recovery.suspect([site.node, *self.shard_nodes()])
+        await recovery.settled()
         if failures:  # the failure is not reported yet: give the report time to come
             await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
         return True

@@ -24,9 +24,10 @@ from .coordinator import Coordinator, Progress
 from .datasets import Dataset
 from .downpour import Downpour, Replica, Unit, plan_units
 from .errors import CheckpointError, ConfigError
+from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import UpdateRule
-from .params import ParameterLayout
+from .params import PartitionedLayout, layout_of
 from .placement import InProcess, Placement, split_rows
 from .recovery import Checkpointer, Events, Recovery, RestartPolicy, load_shard
 from .shard import ParameterShard
@@ -58,7 +59,7 @@ class DownpourRun:
 
     def __init__(self, node: Node, placement: Placement, shards: int, replicas: int,
                  model: Model, data: Dataset, algorithm: Downpour, optimizer: UpdateRule,
-                 options: Options) -> None:
+                 options: Options, partitions: int = 1) -> None:
         self.node = node
         self.placement = placement
         self.n_shards = shards
@@ -68,7 +69,8 @@ class DownpourRun:
         self.algorithm = algorithm
         self.optimizer = optimizer
         self.options = options
-        self.layout = ParameterLayout(model.param_shapes())
+        self.partitions = partitions
+        self.layout = layout_of(model, partitions)
         self.bounds = self.layout.shard_bounds(shards)
         self.events = Events()
         directory = options.resume or options.checkpoint_dir
@@ -119,7 +121,9 @@ class DownpourRun:
         """Run every unit; the coordinator's summary, with the final parameters."""
         slices, steps = self.plan()
         options = self.options
-        shard_nodes, replica_nodes = self.placement.place(self.n_shards, self.n_replicas)
+        parts = self.partitions
+        shard_nodes, slot_nodes = self.placement.place(self.n_shards, self.n_replicas * parts)
+        replica_nodes = [slot_nodes[i * parts:(i + 1) * parts] for i in range(self.n_replicas)]
         rows = self.placement.training_data(self.data.x_train, self.data.y_train, slices)
         units = self.units(rows.slices, steps)
         try:
@@ -136,7 +140,7 @@ class DownpourRun:
                     else DEFAULT_CHECKPOINT_EVERY, self.events)
             replicas = [await self._spawn_replica(i, replica_nodes[i], rows.specs[i], 0)
                         for i in range(self.n_replicas)]
-            self._track(shard_nodes, replica_nodes, replicas, rows.specs)
+            self._track(shard_nodes, [n[0] for n in replica_nodes], replicas, rows.specs)
             remote = not rows.everywhere
             coordinator = await self.node.spawn(Coordinator, config={
                 "model": self.model.to_config(), "client": self.client,
@@ -146,7 +150,7 @@ class DownpourRun:
                 "recovery": self.recovery, "checkpointer": self.checkpointer,
                 "rows": (self.data.x_train, self.data.y_train) if remote else None,
                 "homes": slices,
-                "done": self._done_before()})
+                "done": self._done_before(), "partitions": parts})
             self.spawned.append(coordinator)
             self.coordinator = coordinator
             result: dict[str, Any] = await coordinator.ask(
@@ -188,10 +192,17 @@ class DownpourRun:
                            "version": start.version})
         return ref
 
-    async def _spawn_replica(self, index: int, node: str, spec: dict[str, Any],
+    async def _spawn_replica(self, index: int, nodes: list[str], spec: dict[str, Any],
                              generation: int) -> ActorRef:
         assert self.client is not None
-        ref = await self.node.spawn(Replica, node=node, config={
+        if isinstance(self.layout, PartitionedLayout):  # one actor per partition
+            ref, refs = await spawn_partitioned_replica(
+                self.node, index, self.model, nodes, self.client.shards, self.bounds,
+                self.layout.block_bounds, {"data": spec, "seed": self.options.seed,
+                                           "algorithm": self.algorithm.to_config()})
+            self.spawned += refs
+            return ref
+        ref = await self.node.spawn(Replica, node=nodes[0], config={
             "index": index, "model": self.model.to_config(), "shards": self.client.shards,
             "bounds": [list(b) for b in self.bounds], "data": spec,
             "algorithm": self.algorithm.to_config(), "seed": self.options.seed,
@@ -227,11 +238,13 @@ class DownpourRun:
         def replica(index: int) -> Any:
             async def respawn(node: str, generation: int) -> ActorRef:
                 await client.fence({index: generation})  # the old incarnation is refused
-                return await self._spawn_replica(index, node, specs[index], generation)
+                return await self._spawn_replica(index, [node], specs[index], generation)
             return respawn
 
         for i, ref in enumerate(client.shards):
             recovery.track("shard", i, shard_nodes[i], ref, shard(i))
+        if self.partitions > 1:
+            return  # a partitioned replica whose partition fails is lost, not re-created
         for i, ref in enumerate(replicas):
             recovery.track("replica", i, replica_nodes[i], ref, replica(i))
 

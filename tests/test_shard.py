@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import numpy as np
@@ -31,6 +32,17 @@ async def test_fetch_push_and_staleness(shard):
     [stats] = await shard.stats()
     assert stats["updates"] == 2 and stats["staleness_max"] == 1
     assert stats["staleness_mean"] == pytest.approx(0.5)
+
+
+async def test_a_same_node_fetch_gets_a_snapshot_not_the_live_slice(shard):
+    # The fetch is answered first; the push queued behind it runs before the fetcher
+    # copies its answer. A live slice would show the push under version 0.
+    fetched = np.empty(10, np.float32)
+    versions, _ = await asyncio.gather(shard.fetch(fetched),
+                                       shard.push(np.ones(10, np.float32), [0]))
+    assert versions == [0]
+    np.testing.assert_array_equal(fetched, np.arange(10))
+    np.testing.assert_allclose(await shard.parameters(), np.arange(10) - 0.5)
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.timeout(600)  # three runs of a driver process, one killed on the way
 def test_a_run_whose_driver_was_killed_resumes_from_its_checkpoints(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)

@@ -10,6 +10,7 @@ from .actor import Actor, ActorRef
 from .checkpoint import CheckpointStore
 from .cluster import Cluster, Run
 from .coordinator import Coordinator
+from .dashboard import Dashboard
 from .downpour import Downpour, Replica
 from .errors import (
     ActorDead,
@@ -54,6 +55,7 @@ __all__ = [
     "Cluster",
     "ConfigError",
     "Coordinator",
+    "Dashboard",
     "DecodeError",
     "Downpour",
     "EncodeError",

@@ -63,7 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     run(serve(args.listen, read_secret(args.secret_file), name=args.name,
               ssl_context=server_ssl(args.cert, args.key),
               dial_ssl=client_ssl(args.ca, args.insecure), imports=tuple(args.imports),
-              max_frame_bytes=args.max_frame_bytes, policy=policy))
+              max_frame_bytes=args.max_frame_bytes, policy=policy,
+              metrics=args.metrics))
     return 0
 
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-remote-shutdown", action="store_true",
                        help="let authenticated peers shut this node down (default: only "
                             "SIGINT or SIGTERM here)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour"])

@@ -65,6 +65,7 @@ class Coordinator(Actor):
         self.eval_rows = eval_rows
         self.on_progress = on_progress
         self.history: list[dict[str, Any]] = []
+        self.lost: list[int] = []
         self._started = 0.0
 
     async def receive(self, message: dict[str, Any]) -> Any:
@@ -99,6 +100,8 @@ class Coordinator(Actor):
             "staleness_max": max(int(s["staleness_max"]) for s in stats),
             "updates": updates,
             "replicas": alive,
+            "lost": list(self.lost),
+            **_activity(stats, progress),
         }
         self.history.append(entry)
         if self.on_progress is not None:
@@ -129,6 +132,7 @@ class Coordinator(Actor):
         scheduler = UnitScheduler(replicas, events, recovery=self.recovery,
                                   shard_nodes=self._shard_nodes)
         self.scheduler = scheduler
+        self.lost = scheduler.lost
         summaries: dict[int, dict[str, Any]] = {}
         done: set[int] = set(self.done_before)
         planned = len(done) + len(units)
@@ -184,6 +188,22 @@ class Coordinator(Actor):
 
     def _shard_nodes(self) -> list[str]:
         return [ref.node_id for ref in self.shards.shards]
+
+
+def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
+    """Cumulative counts for dashboards and metrics: per replica (as its last push
+    reported them) and per shard."""
+    totals = {key: sum(int(p.get(key, 0)) for p in progress)
+              for key in ("fetches", "pushes", "skipped_fetches", "deferred_pushes")}
+    return {
+        **totals,
+        "replica_examples": {str(p["replica"]): int(p["examples"]) for p in progress},
+        "shard_updates": [int(s["updates"]) for s in stats],
+        "rejected": sum(int(s["rejected"]) for s in stats),
+        "update_seconds": sum(float(s["update_seconds"]) for s in stats),
+        "update_counts": [sum(c) for c in zip(*(s["update_counts"] for s in stats),
+                                              strict=True)],
+    }
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

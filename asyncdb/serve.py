@@ -20,6 +20,7 @@ from pathlib import Path
 from asyncdb.transport import ws
 
 from .errors import ConfigError
+from .metrics import NodeFigures, registry, serve_metrics
 from .node import Node
 from .system import PeerPolicy
 
@@ -80,9 +81,12 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
                 ssl_context: ssl.SSLContext | None = None,
                 dial_ssl: ssl.SSLContext | None = None, imports: tuple[str, ...] = (),
                 max_frame_bytes: int = 1 << 30, policy: PeerPolicy | None = None,
+                metrics: str | None = None,
                 ready: Callable[[str, int], None] | None = None) -> None:
     """Run a node until SIGINT or SIGTERM (or until it is closed). `policy`: what
-    its network peers may ask of it (`asyncdb.system`)."""
+    its network peers may ask of it (`asyncdb.system`). With `metrics` (HOST:PORT,
+    loopback unless a host is given), the figures of the shards and replicas on this
+    node are served at /metrics there, apart from the authenticated listener."""
     for module in imports:
         importlib.import_module(module)
     host, port = parse_listen(listen)
@@ -103,6 +107,15 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
     bound = ws.bound_port(runner)
     scheme = "wss" if ssl_context else "ws"
     print(f"asyncdb serve: node {node.id} listening on {scheme}://{host}:{bound}", flush=True)
+    exporter = None
+    if metrics is not None:
+        try:
+            exporter, url = await serve_metrics(metrics, registry(NodeFigures(node)))
+        except BaseException:
+            await runner.cleanup()
+            await node.close()
+            raise
+        print(f"asyncdb serve: metrics at {url}", flush=True)
     if ready is not None:
         ready(host, bound)
     loop = asyncio.get_running_loop()
@@ -114,3 +127,5 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
     finally:
         await node.close()
         await runner.cleanup()
+        if exporter is not None:
+            await exporter.cleanup()

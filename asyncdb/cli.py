@@ -36,6 +36,11 @@ def _bench(args: argparse.Namespace) -> int:
                                        "colocate": args.colocate}.items()
                      if v is not None}
         result = run(downpour.run(downpour.Settings(**overrides), repeat=args.repeat or 3))
+    elif args.what == "chaos":
+        from .bench import chaos
+
+        result = run(chaos.run(chaos.Settings(
+            **({} if args.examples is None else {"examples": args.examples}))))
     else:
         raise SystemExit(f"unknown benchmark {args.what!r}")
     _print_result(result, args.json)
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
-    bench.add_argument("what", choices=["transport", "downpour"])
+    bench.add_argument("what", choices=["transport", "downpour", "chaos"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument("--repeat", type=int, default=None,
                        help="runs per figure, medians reported (transport 5, downpour 3)")

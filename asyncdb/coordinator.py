@@ -49,7 +49,7 @@ class Coordinator(Actor):
                  recovery: Recovery | None = None, checkpointer: Checkpointer | None = None,
                  rows: tuple[np.ndarray, np.ndarray] | None = None,
                  homes: list[list[int]] | None = None, done: list[int] | None = None,
-                 partitions: int = 1) -> None:
+                 partitions: int = 1, versions: dict[int, int] | None = None) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
         self.shards = client
@@ -59,6 +59,7 @@ class Coordinator(Actor):
         self.rows = rows
         self.homes = homes
         self.done_before = list(done or [])  # units a resumed run did before
+        self.versions = versions if versions is not None else {}  # shard -> last seen
         self.scheduler: UnitScheduler | None = None
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
@@ -82,6 +83,8 @@ class Coordinator(Actor):
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
         stats = await self.shards.stats()
+        for i, shard in enumerate(stats):
+            self.versions[i] = max(self.versions.get(i, 0), int(shard["version"]))
         views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
         accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])

@@ -17,6 +17,7 @@ from asyncdb.transport.errors import (
 __all__ = [
     "ActorDead",
     "ActorError",
+    "AllReplicasLost",
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
@@ -25,6 +26,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "MessageTooLarge",
+    "RecoveryFailed",
     "RemoteTraceback",
     "Timeout",
     "UpdateRejected",
@@ -73,6 +75,16 @@ class UpdateRejected(AsyncDBError, ValueError):
 class ConfigError(AsyncDBError, ValueError):
     """Raised for a configuration that cannot work: an unknown actor type, an invalid
     option, a layout that does not match the model."""
+
+
+class RecoveryFailed(AsyncDBError):
+    """Raised to a run whose failed shard cannot be brought back (restarts used up,
+    no node left to put it on, no usable checkpoint): the run stops with its history."""
+
+
+class AllReplicasLost(AsyncDBError):
+    """Raised to a run when every replica was lost, none could be re-created, and work
+    was left."""
 
 
 class CheckpointError(AsyncDBError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,18 +25,13 @@ from typing import Any
 
 from .actor import ActorRef
 from .checkpoint import CheckpointStore
-from .errors import AsyncDBError, CheckpointError
+from .errors import AsyncDBError, CheckpointError, RecoveryFailed
 from .placement import Placement
 from .shard_client import ShardCheckpoint, ShardClient
 
 log = logging.getLogger("asyncdb.recovery")
 
 Respawn = Callable[[str, int], Awaitable[ActorRef]]  # (node, generation) -> new ref
-
-
-class RecoveryFailed(AsyncDBError):
-    """Raised to a run whose failed actor cannot be brought back: restarts exhausted,
-    no node left to put it on, or a shard with no usable checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +127,7 @@ class Checkpointer:
 
     async def run(self) -> None:
         """Checkpoint every `every` seconds until cancelled."""
-        if self.every is None:
+        if self.every is None or math.isinf(self.every):
             return
         while True:
             await asyncio.sleep(self.every)
@@ -159,6 +155,7 @@ class Recovery:
         self.restarts = 0
         self.failure: RecoveryFailed | None = None
         self.recovery_seconds: list[float] = []
+        self.abandoned: set[tuple[str, int]] = set()  # replicas given up: the run goes on
         self._failed: dict[str, float] = {}  # node -> when its failure was reported
         self._busy: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -169,7 +166,8 @@ class Recovery:
         self.sites[(role, index)] = Site(role, index, node, ref, respawn)
 
     def tracks(self, role: str, index: int) -> bool:
-        return (role, index) in self.sites
+        """Whether recovery re-creates that actor when it fails."""
+        return (role, index) in self.sites and (role, index) not in self.abandoned
 
     def current(self, role: str, index: int) -> Site:
         return self.sites[(role, index)]
@@ -214,8 +212,15 @@ class Recovery:
         detected = self._failed[node]
         self.restarts += 1
         if self.restarts > self.policy.max_restarts:
-            raise RecoveryFailed(f"node {node} failed after {self.policy.max_restarts} "
-                                 "restarts in this run; giving up")
+            reason = f"{self.policy.max_restarts} restarts in this run were used up"
+            if all(site.role == "replica" for site in victims):  # the others go on
+                for site in victims:
+                    self.abandoned.add((site.role, site.index))
+                    self.events.record("abandoned", role=site.role, index=site.index,
+                                       reason=reason)
+                log.error("node %s is not replaced (%s); its replicas are lost", node, reason)
+                return
+            raise RecoveryFailed(f"node {node} failed and {reason}; a shard cannot be lost")
         await asyncio.sleep(self.policy.delay(self.restarts))
         try:
             fresh = await self.placement.replace(node)
@@ -236,6 +241,7 @@ class Recovery:
                                generation=site.generation)
         seconds = time.perf_counter() - detected
         self.recovery_seconds.append(seconds)
+        self.events.record("serving", node=fresh, replaced=node, seconds=round(seconds, 4))
         log.warning("node %s replaced by %s in %.2f s; %s", node, fresh, seconds,
                     ", ".join(f"{s.role} {s.index}" for s in victims))
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .actor import ActorRef
-from .errors import ActorDead, AsyncDBError, ChannelClosed, Timeout
+from .errors import ActorDead, AllReplicasLost, ChannelClosed, Timeout
 from .recovery import Events, Recovery
 from .workqueue import WorkQueue
 
@@ -27,10 +27,6 @@ Message = Callable[[int, int], dict[str, Any]]  # (unit, replica) -> the unit's 
 Accept = Callable[[int, int, dict[str, Any]], None]  # (unit, replica, result)
 LOST = (ChannelClosed, ActorDead, Timeout)
 MAX_FAILURES = 5  # failed units in a row, with nothing found dead, before a replica is lost
-
-
-class AllReplicasLost(AsyncDBError):
-    """Raised to a run when every replica was lost and none could be re-created."""
 
 
 class UnitScheduler:
@@ -132,6 +128,8 @@ class UnitScheduler:
         site = recovery.current("replica", replica)
         recovery.suspect([site.node, *self.shard_nodes()])
         await recovery.settled()
+        if not recovery.tracks("replica", replica):  # given up on: lost for this run
+            return await self._survives(replica, error, MAX_FAILURES)
         if failures:  # the failure is not reported yet: give the report time to come
             await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
         return True

@@ -79,6 +79,8 @@ class DownpourRun:
         self.recovery: Recovery | None = None
         self.checkpointer: Checkpointer | None = None
         self.spawned: list[ActorRef] = []
+        self.coordinator: Coordinator | None = None
+        self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
 
     def plan(self) -> tuple[list[list[int]], list[int]]:
         """Each replica's rows and its number of mini-batches."""
@@ -150,14 +152,21 @@ class DownpourRun:
                 "recovery": self.recovery, "checkpointer": self.checkpointer,
                 "rows": (self.data.x_train, self.data.y_train) if remote else None,
                 "homes": slices,
-                "done": self._done_before(), "partitions": parts})
+                "done": self._done_before(), "partitions": parts,
+                "versions": self.versions})
             self.spawned.append(coordinator)
-            self.coordinator = coordinator
+            actor = self.node.actor(coordinator.name)
+            assert isinstance(actor, Coordinator)
+            self.coordinator = actor
             result: dict[str, Any] = await coordinator.ask(
                 {"op": "run", "replicas": replicas,
                  "units": [[u.id, u.home, u.start, u.stop, u.steps, u.warm] for u in units]},
                 timeout=None)
             result["params"] = await self.client.parameters()
+        except BaseException:
+            if self.coordinator is not None:  # cancelled, or failed: no more units
+                self.coordinator.stop()
+            raise
         finally:
             if self.recovery is not None:
                 await self.recovery.close()
@@ -230,8 +239,10 @@ class DownpourRun:
                           if s.role == "replica" and s.generation}
                 if fences:
                     await client.fence(fences, index)
+                seen = self.versions.get(index, 0)
                 self.events.record("restored", role="shard", index=index,
-                                   version=saved.version)
+                                   version=saved.version,
+                                   updates_lost=max(0, seen - saved.version))
                 return ref
             return respawn
 

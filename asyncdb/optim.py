@@ -4,6 +4,8 @@ the statements over the slice."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -48,11 +50,26 @@ class UpdateRule:
             raise ConfigError(f"bad options for {name}: {exc}") from exc
 
 
+def _positive(rule: UpdateRule, *names: str, allow_zero: bool = False) -> None:
+    """ConfigError unless each named option is a finite number above zero (or zero)."""
+    for name in names:
+        value = getattr(rule, name)
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+              and math.isfinite(value) and (value > 0 or (allow_zero and value == 0)))
+        if not ok:
+            bound = "at least 0" if allow_zero else "above 0"
+            raise ConfigError(f"{type(rule).__name__}: {name} must be a finite number "
+                              f"{bound}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SGD(UpdateRule):
     """Plain stochastic gradient descent (Robbins and Monro, 1951)."""
 
     lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
 
     def statements(self) -> list[tuple[str, str]]:
         return [("param", "param - lr * grad")]
@@ -68,6 +85,10 @@ class Adagrad(UpdateRule):
     initial_accumulator: float = 0.0
 
     state: ClassVar[tuple[str, ...]] = ("accum",)
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps")
+        _positive(self, "initial_accumulator", allow_zero=True)
 
     def statements(self) -> list[tuple[str, str]]:
         return [("accum", "accum + grad * grad"),

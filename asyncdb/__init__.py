@@ -24,6 +24,7 @@ from .errors import (
     MessageTooLarge,
     RemoteTraceback,
     Timeout,
+    TrainingDiverged,
     UpdateRejected,
 )
 from .loop import run
@@ -70,6 +71,7 @@ __all__ = [
     "ShardClient",
     "Supervisor",
     "Timeout",
+    "TrainingDiverged",
     "UpdateRejected",
     "UpdateRule",
     "__version__",

@@ -1,7 +1,9 @@
 """The coordinator: starts a Downpour run, hands each replica its slice of the data,
 evaluates the shards' current parameters on test data every few seconds, and ends
 the run when every replica has done its steps. A replica that dies is logged and the
-run goes on with the others."""
+run goes on with the others. A run whose loss turns NaN or Inf or grows past
+`diverge_factor` times the loss of the initial parameters, or whose pushes a shard
+refuses, stops with `TrainingDiverged` carrying the history so far."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
-from .errors import ActorDead, ChannelClosed
+from .errors import ActorDead, ChannelClosed, TrainingDiverged, UpdateRejected
 from .params import layout_of
 from .registry import register_actor
 from .shard_client import ShardClient
@@ -37,7 +39,8 @@ class Coordinator(Actor):
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
                  eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None, partitions: int = 1) -> None:
+                 on_progress: Progress | None = None, partitions: int = 1,
+                 diverge_factor: float = 10.0) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
         self.shards = ShardClient(shards, bounds)
@@ -45,6 +48,8 @@ class Coordinator(Actor):
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress
+        self.diverge_factor = diverge_factor
+        self._baseline = float("inf")  # the loss of the initial parameters
         self.history: list[dict[str, Any]] = []
         self._started = 0.0
 
@@ -64,7 +69,8 @@ class Coordinator(Actor):
         stats = await self.shards.stats()
         views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
-        accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
         progress = stats[0]["progress"].values()
         examples = sum(int(p["examples"]) for p in progress)
         elapsed = time.perf_counter() - self._started
@@ -90,6 +96,7 @@ class Coordinator(Actor):
                   warm_start_steps: int) -> dict[str, Any]:
         self._started = time.perf_counter()
         self.history = []
+        self._baseline = await self._initial_loss()
         summaries: dict[int, dict[str, Any]] = {}
         lost: list[int] = []
         if warm_start_steps and replicas:
@@ -106,22 +113,36 @@ class Coordinator(Actor):
             if n > 0
         }
         pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=self.eval_every)
-            for task in done:
-                index = tasks[task]
-                try:
-                    result = task.result()
-                except (ChannelClosed, ActorDead) as exc:
-                    lost.append(index)
-                    log.warning("replica %d lost (%s); training goes on with %d replicas",
-                                index, exc, len(replicas) - len(lost))
-                    continue
-                summaries[index] = _merge(summaries.get(index), result)
-            if pending:
-                await self.evaluate(self.eval_rows, len(replicas) - len(lost))
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=self.eval_every)
+                for task in done:
+                    index = tasks[task]
+                    try:
+                        result = task.result()
+                    except (ChannelClosed, ActorDead) as exc:
+                        lost.append(index)
+                        log.warning("replica %d lost (%s); training goes on with %d "
+                                    "replicas", index, exc, len(replicas) - len(lost))
+                        continue
+                    except UpdateRejected as exc:
+                        raise self._diverged(f"replica {index}'s push was refused: "
+                                             f"{exc}") from exc
+                    summaries[index] = _merge(summaries.get(index), result)
+                if pending:
+                    self._check_loss(await self.evaluate(self.eval_rows,
+                                                         len(replicas) - len(lost)))
+        finally:
+            for task in pending:
+                task.cancel()
         seconds = time.perf_counter() - self._started  # training only, not the final test
         final = await self.evaluate(None, len(replicas) - len(lost))
+        self._check_loss(final)
+        for index, summary in summaries.items():
+            bad, steps = summary.get("bad_batches", 0), summary.get("steps", 0)
+            if steps and bad * 2 >= steps:
+                raise self._diverged(f"{bad} of replica {index}'s {steps} batches gave a "
+                                     "NaN or Inf loss or gradient")
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
@@ -129,6 +150,30 @@ class Coordinator(Actor):
                 "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
+
+
+    async def _initial_loss(self) -> float:
+        views = self.layout.tensors(await self.params())
+        grads = {name: np.zeros_like(view) for name, view in views.items()}
+        n = min(self.eval_rows, len(self.x_test))
+        loss, _ = self.model.loss_and_grad(views, self.x_test[:n], self.y_test[:n], grads)
+        return float(loss)
+
+    def _check_loss(self, entry: dict[str, Any]) -> None:
+        loss = entry["loss"]
+        if loss is None:
+            return
+        if not np.isfinite(loss):
+            raise self._diverged(f"the training loss is {loss}")
+        if np.isfinite(self._baseline) and loss > self.diverge_factor * max(self._baseline,
+                                                                            1e-3):
+            raise self._diverged(f"the training loss grew to {loss:.4g} from "
+                                 f"{self._baseline:.4g} at the start")
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        log.error("training diverged: %s", reason)
+        return TrainingDiverged(f"training diverged after {len(self.history)} evaluations: "
+                                f"{reason}", self.history)
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

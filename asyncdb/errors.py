@@ -6,6 +6,8 @@ Transport errors (`ChannelClosed`, `DecodeError`, `MessageTooLarge`,
 
 from __future__ import annotations
 
+from typing import Any
+
 from asyncdb.transport.errors import (
     AsyncDBError,
     AuthenticationError,
@@ -27,6 +29,7 @@ __all__ = [
     "MessageTooLarge",
     "RemoteTraceback",
     "Timeout",
+    "TrainingDiverged",
     "UpdateRejected",
     "error_from_remote",
 ]
@@ -68,6 +71,16 @@ class EncodeError(AsyncDBError, TypeError):
 class UpdateRejected(AsyncDBError, ValueError):
     """Raised to a push whose gradient has the wrong shape or dtype, or holds NaN or
     Inf; the shard's parameters are left as they were."""
+
+
+class TrainingDiverged(AsyncDBError):
+    """Raised by `Cluster.train` when a run diverges: the replicas' loss turns NaN or
+    Inf or grows past a hundred times its first value, or a shard refuses a push whose
+    update would overflow. `history` holds the run's evaluations so far."""
+
+    def __init__(self, message: str, history: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.history = list(history or [])
 
 
 class ConfigError(AsyncDBError, ValueError):

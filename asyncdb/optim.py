@@ -5,7 +5,6 @@ the statements over the slice."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -53,13 +52,21 @@ class UpdateRule:
 def _positive(rule: UpdateRule, *names: str, allow_zero: bool = False) -> None:
     """ConfigError unless each named option is a finite number above zero (or zero)."""
     for name in names:
-        value = getattr(rule, name)
-        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-              and math.isfinite(value) and (value > 0 or (allow_zero and value == 0)))
+        value: Any = getattr(rule, name)
+        number = None if isinstance(value, bool | str) else _as_float(value)
+        ok = number is not None and math.isfinite(number) and (
+            number > 0 or (allow_zero and number == 0))
         if not ok:
             bound = "at least 0" if allow_zero else "above 0"
             raise ConfigError(f"{type(rule).__name__}: {name} must be a finite number "
                               f"{bound}, got {value!r}")
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

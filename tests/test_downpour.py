@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -131,3 +132,36 @@ def test_shared_training_data_is_one_copy():
         np.testing.assert_array_equal(opened["x"], x)
         assert not opened["x"].flags.writeable
         assert opened["empty"].shape == (0, 2)
+
+
+async def test_a_nan_in_the_data_spoils_batches_not_the_run(digits):
+    x = digits.x_train.copy()
+    x[5, 3] = np.nan
+    spoiled = dataclasses.replace(digits, x_train=x)
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        run = await cluster.train(small_mlp(digits), spoiled,
+                                  algorithm=asyncdb.Downpour(batch_size=32), epochs=4)
+    counts = run.replicas[0]
+    assert counts["bad_batches"] >= 1  # every pass over the data meets the row once
+    assert counts["examples"] == 32 * (counts["steps"] - counts["bad_batches"])
+    assert np.isfinite(run.final["loss"]) and run.final["test_accuracy"] > 0.8
+    assert all(s["rejected"] == 0 for s in run.shards)
+
+
+@pytest.mark.parametrize("lr", [1e3, 1e30])  # the loss explodes; the update overflows
+async def test_a_diverging_run_stops_with_its_history(digits, lr):
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        with pytest.raises(asyncdb.TrainingDiverged, match="diverged") as info:
+            await cluster.train(small_mlp(digits), digits, optimizer=asyncdb.SGD(lr=lr),
+                                algorithm=asyncdb.Downpour(batch_size=32), epochs=20,
+                                eval_every=0.02)
+    assert isinstance(info.value.history, list)
+    for entry in info.value.history:
+        assert {"time", "loss", "test_accuracy"} <= entry.keys()
+
+
+async def test_a_run_on_data_that_is_all_nan_is_not_reported_done(digits):
+    spoiled = dataclasses.replace(digits, x_train=np.full_like(digits.x_train, np.nan))
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        with pytest.raises(asyncdb.TrainingDiverged, match="NaN or Inf"):
+            await cluster.train(small_mlp(digits), spoiled, epochs=1)

@@ -96,13 +96,14 @@ async def test_a_lost_replica_does_not_stop_training():
     model = MLP([64, 64, 10])
     async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
         victim = cluster.nodes.ids[2]
+        trained = asyncio.Event()
         training = asyncio.create_task(cluster.train(
-            model, data, algorithm=asyncdb.Downpour(batch_size=16), epochs=15.0,
-            eval_every=0.1))
-        await asyncio.sleep(1.0)
+            model, data, algorithm=asyncdb.Downpour(batch_size=16), epochs=3.0,
+            eval_every=0.1, on_progress=lambda entry: entry["updates"] and trained.set()))
+        await trained.wait()  # both replicas are under way
         assert not training.done()
         cluster.nodes.kill(victim)
-        run = await asyncio.wait_for(training, 60)
+        run = await training
     assert run.lost == [1]
     assert run.final["replicas"] == 1
     assert run.replicas[0]["steps"] > 0 and run.final["test_accuracy"] > 0.5

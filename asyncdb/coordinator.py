@@ -22,6 +22,7 @@ from .errors import ActorDead, ChannelClosed, TrainingDiverged, UpdateRejected
 from .params import layout_of
 from .registry import register_actor
 from .shard_client import ShardClient
+from .system import actor_alive
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -94,55 +95,65 @@ class Coordinator(Actor):
 
     async def run(self, replicas: list[ActorRef], slices: list[list[int]], steps: list[int],
                   warm_start_steps: int) -> dict[str, Any]:
+        """Train: replica 0 alone for the warm start, then every replica at once.
+        A replica's end (done, or lost) is handled the moment it comes; evaluations
+        tick every `eval_every` seconds throughout, warm start included."""
         self._started = time.perf_counter()
         self.history = []
         self._baseline = await self._initial_loss()
         summaries: dict[int, dict[str, Any]] = {}
         lost: list[int] = []
-        if warm_start_steps and replicas:
-            warm = min(warm_start_steps, steps[0])
-            log.info("warm start: replica 0 trains alone for %d steps", warm)
-            summaries[0] = await replicas[0].ask(
-                {"op": "train", "start": slices[0][0], "stop": slices[0][1], "steps": warm},
-                timeout=None)
-            steps = [steps[0] - warm, *steps[1:]]
-        tasks = {
-            asyncio.ensure_future(ref.ask({"op": "train", "start": lo, "stop": hi,
-                                           "steps": n}, timeout=None)): i
-            for i, (ref, (lo, hi), n) in enumerate(zip(replicas, slices, steps, strict=True))
-            if n > 0
-        }
-        pending = set(tasks)
+        tasks: dict[asyncio.Future[Any], int] = {}
+        remaining = list(steps)
+
+        def start(index: int, count: int) -> None:
+            lo, hi = slices[index]
+            ask = replicas[index].ask({"op": "train", "start": lo, "stop": hi,
+                                       "steps": count}, timeout=None)
+            tasks[asyncio.ensure_future(ask)] = index
+            remaining[index] -= count
+
+        warming = bool(warm_start_steps and replicas and steps[0])
+        if warming:
+            log.info("warm start: replica 0 trains alone for %d steps",
+                     min(warm_start_steps, steps[0]))
+            start(0, min(warm_start_steps, steps[0]))
+        else:
+            for index, count in enumerate(steps):
+                if count > 0:
+                    start(index, count)
+        loop = asyncio.get_running_loop()
+        next_eval = loop.time() + self.eval_every
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=self.eval_every)
+            while tasks or warming:
+                if warming and not tasks:  # the warm start is over, however it ended
+                    warming = False
+                    for index, count in enumerate(remaining):
+                        if count > 0 and index not in lost:
+                            start(index, count)
+                    continue
+                done, _ = await asyncio.wait(tasks, timeout=max(0.0, next_eval - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    index = tasks[task]
-                    try:
-                        result = task.result()
-                    except (ChannelClosed, ActorDead) as exc:
-                        lost.append(index)
-                        log.warning("replica %d lost (%s); training goes on with %d "
-                                    "replicas", index, exc, len(replicas) - len(lost))
-                        continue
-                    except UpdateRejected as exc:
-                        raise self._diverged(f"replica {index}'s push was refused: "
-                                             f"{exc}") from exc
-                    summaries[index] = _merge(summaries.get(index), result)
-                if pending:
+                    index = tasks.pop(task)
+                    result = await self._outcome(task, replicas[index], index, lost)
+                    if result is not None:
+                        summaries[index] = _merge(summaries.get(index), result)
+                if tasks and loop.time() >= next_eval:
                     self._check_loss(await self.evaluate(self.eval_rows,
                                                          len(replicas) - len(lost)))
+                    next_eval = loop.time() + self.eval_every
         finally:
-            for task in pending:
+            for task in tasks:
                 task.cancel()
         seconds = time.perf_counter() - self._started  # training only, not the final test
         final = await self.evaluate(None, len(replicas) - len(lost))
         self._check_loss(final)
         for index, summary in summaries.items():
-            bad, steps = summary.get("bad_batches", 0), summary.get("steps", 0)
-            if steps and bad * 2 >= steps:
-                raise self._diverged(f"{bad} of replica {index}'s {steps} batches gave a "
-                                     "NaN or Inf loss or gradient")
+            bad, done_steps = summary.get("bad_batches", 0), summary.get("steps", 0)
+            if done_steps and bad * 2 >= done_steps:
+                raise self._diverged(f"{bad} of replica {index}'s {done_steps} batches gave "
+                                     "a NaN or Inf loss or gradient")
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
@@ -151,6 +162,25 @@ class Coordinator(Actor):
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
 
+    async def _outcome(self, task: asyncio.Future[Any], replica: ActorRef, index: int,
+                       lost: list[int]) -> dict[str, Any] | None:
+        """A replica's summary; None if the replica is lost (noted in `lost`). Only a
+        replica that is gone is lost: one that is still there but failed, say because
+        a shard's node went away, fails the run."""
+        try:
+            result: dict[str, Any] = task.result()
+        except (ChannelClosed, ActorDead) as exc:
+            if await actor_alive(self.node, replica):
+                log.error("replica %d is alive but failed: %s", index, exc)
+                raise type(exc)(f"replica {index} failed though it is still running, "
+                                f"so a shard is unreachable: {exc}") from exc
+            lost.append(index)
+            log.warning("replica %d lost (%s); training goes on without it", index, exc)
+            return None
+        except UpdateRejected as exc:
+            raise self._diverged(f"replica {index}'s push was refused: {exc}") from exc
+        log.info("replica %d finished its steps", index)
+        return result
 
     async def _initial_loss(self) -> float:
         views = self.layout.tensors(await self.params())

@@ -228,7 +228,8 @@ class Replica(Actor):
 
     def _maybe_fetch(self) -> None:
         if self._fetching is not None and not self._fetching.done():
-            return  # one fetch in flight at a time; this step uses what it has
+            self.counts["skipped_fetches"] += 1  # one in flight at a time: this one is skipped
+            return
         if not self.fetch_limit.try_take(self.params.nbytes):
             self.counts["skipped_fetches"] += 1
             return

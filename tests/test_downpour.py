@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -51,9 +52,12 @@ async def test_asynchronous_replicas_see_stale_parameters(digits):
                                   algorithm=asyncdb.Downpour(n_fetch=4, n_push=2,
                                                              batch_size=16), epochs=3)
     assert run.final["staleness_max"] >= 2  # other replicas pushed since the fetch
-    counts = run.replicas[0]
-    assert counts["pushes"] == pytest.approx(counts["steps"] / 2, abs=1)
-    assert counts["fetches"] <= counts["steps"] // 4 + 1
+    for counts in run.replicas.values():
+        assert counts["pushes"] == pytest.approx(counts["steps"] / 2, abs=1)
+        # One fetch to start, then one due every 4 steps: made, or skipped because
+        # the previous one was still in flight; never silently dropped.
+        assert counts["fetches"] + counts["skipped_fetches"] == 1 + counts["steps"] // 4
+        assert counts["fetches"] > counts["steps"] // 8
 
 
 async def test_rate_limits_are_obeyed(digits):
@@ -82,31 +86,93 @@ def test_rate_limit_buckets():
     assert all(unlimited.try_take(10**9) for _ in range(100))
 
 
-async def test_warm_start_trains_one_replica_first(digits):
-    algorithm = asyncdb.Downpour(batch_size=32, warm_start_steps=30)
+def record_pushes(monkeypatch) -> list[int]:
+    """The replica of each push shard 0 receives, in order (progress rides on those)."""
+    order: list[int] = []
+    receive = asyncdb.ParameterShard.receive
+
+    async def recording(self, message):
+        if isinstance(message, dict) and isinstance(message.get("progress"), dict):
+            order.append(int(message["progress"]["replica"]))
+        return await receive(self, message)
+
+    monkeypatch.setattr(asyncdb.ParameterShard, "receive", recording)
+    return order
+
+
+@pytest.mark.parametrize("warm", [0, 30])
+async def test_warm_start_trains_one_replica_first(digits, monkeypatch, warm):
+    pushes = record_pushes(monkeypatch)
+    algorithm = asyncdb.Downpour(batch_size=32, warm_start_steps=warm)
     async with asyncdb.Cluster.inproc(shards=1, replicas=2) as cluster:
         run = await cluster.train(small_mlp(digits), digits, algorithm=algorithm, epochs=2)
     assert run.replicas[0]["steps"] == run.replicas[1]["steps"]  # same budget overall
     assert run.final["test_accuracy"] > 0.8
+    assert set(pushes) == {0, 1} and len(pushes) == run.shards[0]["updates"]
+    # Replica 0 alone for the warm-up; without it the replicas interleave at once.
+    assert (pushes[:warm] == [0] * warm) and (1 in pushes[: warm + 5])
+
+
+async def under_way(cluster) -> None:
+    """Return once the shards' parameters have moved: training is under way."""
+    first = None
+    while True:
+        await asyncio.sleep(0.05)
+        try:
+            now = await cluster.parameters()
+        except asyncdb.ConfigError:  # the run's shards are not placed yet
+            continue
+        if first is None:
+            first = now
+        elif any(not np.array_equal(first[k], now[k]) for k in first):
+            return
+
+
+def teacher_run(cluster, **options):
+    data = asyncdb.datasets.load("teacher", n=20_000, features=64, test=500)
+    algorithm = asyncdb.Downpour(batch_size=16,
+                                 warm_start_steps=options.pop("warm_start_steps", 0))
+    return asyncio.create_task(cluster.train(MLP([64, 64, 10]), data, algorithm=algorithm,
+                                             epochs=3.0, **options))
 
 
 @pytest.mark.slow
-async def test_a_lost_replica_does_not_stop_training():
-    data = asyncdb.datasets.load("teacher", n=20_000, features=64, test=500)
-    model = MLP([64, 64, 10])
+async def test_a_lost_replica_is_noticed_at_once_and_training_goes_on(caplog):
+    caplog.set_level(logging.INFO, "asyncdb.coordinator")
     async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
-        victim = cluster.nodes.ids[2]
-        trained = asyncio.Event()
-        training = asyncio.create_task(cluster.train(
-            model, data, algorithm=asyncdb.Downpour(batch_size=16), epochs=3.0,
-            eval_every=0.1, on_progress=lambda entry: entry["updates"] and trained.set()))
-        await trained.wait()  # both replicas are under way
-        assert not training.done()
-        cluster.nodes.kill(victim)
+        training = teacher_run(cluster, eval_every=1000.0)  # no evaluation tick to wait for
+        await under_way(cluster)
+        cluster.nodes.kill(cluster.nodes.ids[2])  # replica 1's node
         run = await training
     assert run.lost == [1]
     assert run.final["replicas"] == 1
     assert run.replicas[0]["steps"] > 0 and run.final["test_accuracy"] > 0.5
+    said = [r.getMessage() for r in caplog.records if r.name == "asyncdb.coordinator"]
+    lost = next(i for i, m in enumerate(said) if m.startswith("replica 1 lost"))
+    finished = next(i for i, m in enumerate(said) if m == "replica 0 finished its steps")
+    assert lost < finished  # seen when it happened, not when the others were done
+
+
+@pytest.mark.slow
+async def test_replica_0_lost_during_warm_start_does_not_end_the_run():
+    async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
+        training = teacher_run(cluster, eval_every=0.2, warm_start_steps=10**6)
+        await under_way(cluster)  # replica 0 is warming up alone
+        cluster.nodes.kill(cluster.nodes.ids[1])  # replica 0's node
+        run = await training
+    assert run.lost == [0]
+    assert run.replicas[1]["steps"] > 0 and run.final["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+async def test_a_lost_shard_fails_the_run_and_is_no_lost_replica(caplog):
+    async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
+        training = teacher_run(cluster, eval_every=1000.0)
+        await under_way(cluster)
+        cluster.nodes.kill(cluster.nodes.ids[0])  # the shard's node
+        with pytest.raises((asyncdb.ChannelClosed, asyncdb.ActorDead), match="shard"):
+            await training
+    assert "lost (" not in caplog.text
 
 
 async def test_bad_configurations_are_refused(digits):

@@ -52,6 +52,7 @@ class Coordinator(Actor):
         self.diverge_factor = diverge_factor
         self._baseline = float("inf")  # the loss of the initial parameters
         self.history: list[dict[str, Any]] = []
+        self.lost: list[int] = []
         self._started = 0.0
 
     async def receive(self, message: dict[str, Any]) -> Any:
@@ -87,6 +88,8 @@ class Coordinator(Actor):
             "staleness_max": max(int(s["staleness_max"]) for s in stats),
             "updates": updates,
             "replicas": alive,
+            "lost": list(self.lost),
+            **_activity(stats, progress),
         }
         self.history.append(entry)
         if self.on_progress is not None:
@@ -103,6 +106,7 @@ class Coordinator(Actor):
         self._baseline = await self._initial_loss()
         summaries: dict[int, dict[str, Any]] = {}
         lost: list[int] = []
+        self.lost = lost
         tasks: dict[asyncio.Future[Any], int] = {}
         remaining = list(steps)
 
@@ -146,8 +150,13 @@ class Coordinator(Actor):
         finally:
             for task in tasks:
                 task.cancel()
+        return await self._result(summaries, lost, len(replicas) - len(lost))
+
+    async def _result(self, summaries: dict[int, dict[str, Any]], lost: list[int],
+                      alive: int) -> dict[str, Any]:
+        """The final evaluation on the whole test set, checked, and the run's summary."""
         seconds = time.perf_counter() - self._started  # training only, not the final test
-        final = await self.evaluate(None, len(replicas) - len(lost))
+        final = await self.evaluate(None, alive)
         self._check_loss(final)
         for index, summary in summaries.items():
             bad, done_steps = summary.get("bad_batches", 0), summary.get("steps", 0)
@@ -204,6 +213,22 @@ class Coordinator(Actor):
         log.error("training diverged: %s", reason)
         return TrainingDiverged(f"training diverged after {len(self.history)} evaluations: "
                                 f"{reason}", self.history)
+
+
+def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
+    """Cumulative counts for dashboards and metrics: per replica (as its last push
+    reported them) and per shard."""
+    totals = {key: sum(int(p.get(key, 0)) for p in progress)
+              for key in ("fetches", "pushes", "skipped_fetches", "deferred_pushes")}
+    return {
+        **totals,
+        "replica_examples": {str(p["replica"]): int(p["examples"]) for p in progress},
+        "shard_updates": [int(s["updates"]) for s in stats],
+        "rejected": sum(int(s["rejected"]) for s in stats),
+        "update_seconds": sum(float(s["update_seconds"]) for s in stats),
+        "update_counts": [sum(c) for c in zip(*(s["update_counts"] for s in stats),
+                                              strict=True)],
+    }
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Every error asyncdb raises on purpose, rooted at `AsyncDBError`.
 
 Transport errors (`ChannelClosed`, `DecodeError`, `MessageTooLarge`,
-`AuthenticationError`) are defined in `asyncdb.transport` and re-exported here.
+`AuthenticationError`, `VersionMismatch`) are defined in `asyncdb.transport` and
+re-exported here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from asyncdb.transport.errors import (
     ChannelClosed,
     DecodeError,
     MessageTooLarge,
+    VersionMismatch,
 )
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Timeout",
     "TrainingDiverged",
     "UpdateRejected",
+    "VersionMismatch",
     "error_from_remote",
 ]
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
 
 from asyncdb.models import MLP
 
 from . import datasets
 from .cluster import Cluster, Run
+from .dashboard import Dashboard
 from .downpour import Downpour
 from .errors import ConfigError
 from .optim import SGD, Adagrad, UpdateRule
+from .progress import TrainingProgress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,32 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=float, default=0.5, help="seconds between evaluations")
     add("--history", type=Path, help="where to write the run's history "
                                      "(default runs/train-<time>.json)")
-
-
-class ProgressBar:
-    """One line, redrawn in place on a terminal; one line per update elsewhere."""
-
-    def __init__(self, total: int, out: TextIO = sys.stdout) -> None:
-        self.total = max(1, total)
-        self.out = out
-        self.tty = out.isatty()
-
-    def update(self, entry: dict[str, Any]) -> None:
-        done = min(1.0, entry["examples"] / self.total)
-        width = 24
-        bar = "#" * int(done * width) + "-" * (width - int(done * width))
-        loss = "   -  " if entry["loss"] is None else f"{entry['loss']:.4f}"
-        line = (f"[{bar}] {done:6.1%}  loss {loss}  test acc {entry['test_accuracy']:.4f}  "
-                f"{entry['examples_per_s']:9.0f} ex/s  staleness {entry['staleness_mean']:.2f}")
-        if self.tty:
-            self.out.write("\r" + line)
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.out.write("\n")
+    add("--dashboard", nargs="?", const="127.0.0.1:0", metavar="HOST:PORT",
+        help="serve a live dashboard while training (default 127.0.0.1, a free port)")
 
 
 def _optimizer(args: argparse.Namespace) -> UpdateRule:
@@ -112,12 +88,16 @@ async def train(args: argparse.Namespace) -> Run:
     print(f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
           f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")
-    bar = ProgressBar(int(args.epochs * len(data.x_train)))
-    async with cluster:
+    bar = TrainingProgress(int(args.epochs * len(data.x_train)))
+    dashboard = Dashboard(cluster, title=f"asyncdb train: {model} on {data.name}")
+    async with dashboard, cluster:
+        if args.dashboard is not None:
+            bar.write(f"dashboard: {await dashboard.start(args.dashboard)}")
         run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
                                   epochs=args.epochs, seed=args.seed,
                                   eval_every=args.eval_every, engine=args.engine,
-                                  on_progress=bar.update)
+                                  on_progress=dashboard.chain(bar.update))
+        dashboard.finish()
     bar.close()
     final = run.final
     print(f"done in {run.seconds:.2f} s: test accuracy {final['test_accuracy']:.4f}, "

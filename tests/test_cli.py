@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -41,3 +42,11 @@ def test_bad_arguments_fail_clearly():
     assert out.returncode == 2 and "invalid choice" in out.stderr
     out = asyncdb_cli("train", "--inproc", "--n-fetch", "0")
     assert out.returncode != 0 and "n_fetch" in out.stderr
+
+
+def test_train_prints_the_dashboard_url(tmp_path):
+    out = asyncdb_cli("train", "--inproc", "--epochs", "1", "--dashboard",
+                      "--history", str(tmp_path / "h.json"))
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", out.stdout, re.M), out.stdout
+    assert re.search(r"ETA .* ex/s .* val acc .* staleness .* lost 0$", out.stdout, re.M)

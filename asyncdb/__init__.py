@@ -27,7 +27,9 @@ from .errors import (
     RecoveryFailed,
     RemoteTraceback,
     Timeout,
+    TrainingDiverged,
     UpdateRejected,
+    VersionMismatch,
 )
 from .loop import run
 from .node import Node
@@ -76,8 +78,10 @@ __all__ = [
     "ShardClient",
     "Supervisor",
     "Timeout",
+    "TrainingDiverged",
     "UpdateRejected",
     "UpdateRule",
+    "VersionMismatch",
     "__version__",
     "datasets",
     "register_actor",

@@ -1,14 +1,17 @@
 """The coordinator: runs a Downpour run as units of work handed to the replicas,
 evaluates the shards' current parameters on test data every few seconds, and ends
 the run when every unit is done. A unit whose replica (or a shard it needed) failed
-goes to another replica; with recovery, failed actors are re-created and go on."""
+goes to another replica; with recovery, failed actors are re-created and go on. A run
+whose loss turns NaN or Inf or grows past `diverge_factor` times the loss of the initial
+parameters, or whose pushes a shard refuses, stops with `TrainingDiverged` carrying the
+history so far."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -18,12 +21,20 @@ from asyncdb.models import Model
 from .actor import Actor, ActorRef
 from .data import inline_arrays
 from .downpour import Unit
-from .errors import ActorDead, ChannelClosed, ConfigError, Timeout
+from .errors import (
+    ActorDead,
+    ChannelClosed,
+    ConfigError,
+    Timeout,
+    TrainingDiverged,
+    UpdateRejected,
+)
 from .params import layout_of
 from .recovery import Checkpointer, Events, Recovery
 from .registry import register_actor
 from .scheduler import UnitScheduler
 from .shard_client import ShardClient
+from .system import actor_alive
 from .workqueue import WorkQueue
 
 log = logging.getLogger("asyncdb.coordinator")
@@ -49,7 +60,8 @@ class Coordinator(Actor):
                  recovery: Recovery | None = None, checkpointer: Checkpointer | None = None,
                  rows: tuple[np.ndarray, np.ndarray] | None = None,
                  homes: list[list[int]] | None = None, done: list[int] | None = None,
-                 partitions: int = 1, versions: dict[int, int] | None = None) -> None:
+                 partitions: int = 1, versions: dict[int, int] | None = None,
+                 diverge_factor: float = 10.0) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
         self.shards = client
@@ -65,6 +77,8 @@ class Coordinator(Actor):
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress
+        self.diverge_factor = diverge_factor
+        self._baseline = float("inf")  # the loss of the initial parameters
         self.history: list[dict[str, Any]] = []
         self.lost: list[int] = []
         self._started = 0.0
@@ -129,11 +143,14 @@ class Coordinator(Actor):
     async def run(self, replicas: list[ActorRef], units: list[Unit]) -> dict[str, Any]:
         """Do every unit on the replicas (warm units on one replica first), evaluating
         every `eval_every` seconds and checkpointing the shards as configured."""
+        if not units:
+            raise ConfigError("a run needs at least one unit of work")
         self._started = time.perf_counter()
         self.history = []
-        events = self.events
-        scheduler = UnitScheduler(replicas, events, recovery=self.recovery,
-                                  shard_nodes=self._shard_nodes)
+        self._baseline = await self._initial_loss()
+        scheduler = UnitScheduler(replicas, self.events, recovery=self.recovery,
+                                  shard_nodes=self._shard_nodes,
+                                  alive=lambda ref: actor_alive(self.node, ref))
         self.scheduler = scheduler
         self.lost = scheduler.lost
         summaries: dict[int, dict[str, Any]] = {}
@@ -147,16 +164,7 @@ class Coordinator(Actor):
         def send(unit: int, replica: int) -> dict[str, Any]:
             return self.unit_message(units[unit], replica)
 
-        if not units:
-            raise ConfigError("a run needs at least one unit of work")
-        background = [asyncio.ensure_future(self._evaluate_every(scheduler))]
-        if self.checkpointer is not None:
-            shards = len(self.shards)
-            self.checkpointer.state = lambda: {"done": sorted(done), "planned": planned,
-                                               "shards": shards}
-            await self.checkpointer.take()  # what a shard lost before the first period needs
-            background.append(asyncio.ensure_future(self.checkpointer.run()))
-        try:
+        async def work() -> None:
             warm = [i for i, u in enumerate(units) if u.warm]
             if warm:
                 log.info("warm start: one replica trains alone for %d units", len(warm))
@@ -166,12 +174,17 @@ class Coordinator(Actor):
                 await scheduler.drain(WorkQueue(rest), scheduler.alive(), send, accept)
             if self.recovery is not None:
                 await self.recovery.settled()
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+
+        if self.checkpointer is not None:
+            shards = len(self.shards)
+            self.checkpointer.state = lambda: {"done": sorted(done), "planned": planned,
+                                               "shards": shards}
+            await self.checkpointer.take()  # what a shard lost before the first period needs
+        await self._supervise(work(), scheduler)
         seconds = time.perf_counter() - self._started  # training only, not the final test
         final = await self.evaluate(None, len(scheduler.alive()))
+        self._check_loss(final)
+        self._check_batches(summaries)
         examples = sum(int(s["examples_done"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
@@ -181,16 +194,71 @@ class Coordinator(Actor):
                 "units": {"planned": planned, "done": len(done),
                           "reassigned": scheduler.reassigned}}
 
+    async def _supervise(self, work: Coroutine[Any, Any, None],
+                         scheduler: UnitScheduler) -> None:
+        """Run `work` with the evaluations and checkpoints beside it; whichever fails
+        first (a diverged loss, a refused push, a recovery that failed) ends the run."""
+        tasks = [asyncio.ensure_future(work),
+                 asyncio.ensure_future(self._evaluate_every(scheduler))]
+        if self.checkpointer is not None:
+            tasks.append(asyncio.ensure_future(self.checkpointer.run()))
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+            if failed is not None:
+                scheduler.stop()
+                error = failed.exception()
+                assert error is not None
+                if isinstance(error, UpdateRejected):
+                    raise self._diverged(f"a push was refused: {error}") from error
+                raise error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _evaluate_every(self, scheduler: UnitScheduler) -> None:
         while True:
             await asyncio.sleep(self.eval_every)
             try:
-                await self.evaluate(self.eval_rows, len(scheduler.alive()))
+                entry = await self.evaluate(self.eval_rows, len(scheduler.alive()))
             except (ChannelClosed, ActorDead, Timeout) as exc:  # a shard is being restored
                 log.info("evaluation skipped: %s", exc)
+                continue
+            self._check_loss(entry)
 
     def _shard_nodes(self) -> list[str]:
         return [ref.node_id for ref in self.shards.shards]
+
+    def _check_batches(self, summaries: dict[int, dict[str, Any]]) -> None:
+        for index, summary in summaries.items():
+            bad, done_steps = summary.get("bad_batches", 0), summary.get("steps", 0)
+            if done_steps and bad * 2 >= done_steps:
+                raise self._diverged(f"{bad} of replica {index}'s {done_steps} batches gave "
+                                     "a NaN or Inf loss or gradient")
+
+    async def _initial_loss(self) -> float:
+        views = self.layout.tensors(await self.params())
+        grads = {name: np.zeros_like(view) for name, view in views.items()}
+        n = min(self.eval_rows, len(self.x_test))
+        loss, _ = self.model.loss_and_grad(views, self.x_test[:n], self.y_test[:n], grads)
+        return float(loss)
+
+    def _check_loss(self, entry: dict[str, Any]) -> None:
+        loss = entry["loss"]
+        if loss is None:
+            return
+        if not np.isfinite(loss):
+            raise self._diverged(f"the training loss is {loss}")
+        if np.isfinite(self._baseline) and loss > self.diverge_factor * max(self._baseline,
+                                                                            1e-3):
+            raise self._diverged(f"the training loss grew to {loss:.4g} from "
+                                 f"{self._baseline:.4g} at the start")
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        log.error("training diverged: %s", reason)
+        return TrainingDiverged(f"training diverged after {len(self.history)} evaluations: "
+                                f"{reason}", self.history)
 
 
 def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """Every error asyncdb raises on purpose, rooted at `AsyncDBError`.
 
 Transport errors (`ChannelClosed`, `DecodeError`, `MessageTooLarge`,
-`AuthenticationError`) are defined in `asyncdb.transport` and re-exported here.
+`AuthenticationError`, `VersionMismatch`) are defined in `asyncdb.transport` and
+re-exported here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from asyncdb.transport.errors import (
     AsyncDBError,
@@ -12,6 +15,7 @@ from asyncdb.transport.errors import (
     ChannelClosed,
     DecodeError,
     MessageTooLarge,
+    VersionMismatch,
 )
 
 __all__ = [
@@ -29,7 +33,9 @@ __all__ = [
     "RecoveryFailed",
     "RemoteTraceback",
     "Timeout",
+    "TrainingDiverged",
     "UpdateRejected",
+    "VersionMismatch",
     "error_from_remote",
 ]
 
@@ -70,6 +76,16 @@ class EncodeError(AsyncDBError, TypeError):
 class UpdateRejected(AsyncDBError, ValueError):
     """Raised to a push whose gradient has the wrong shape or dtype, or holds NaN or
     Inf; the shard's parameters are left as they were."""
+
+
+class TrainingDiverged(AsyncDBError):
+    """Raised by `Cluster.train` when a run diverges: the replicas' loss turns NaN or
+    Inf or grows past a hundred times its first value, or a shard refuses a push whose
+    update would overflow. `history` holds the run's evaluations so far."""
+
+    def __init__(self, message: str, history: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.history = list(history or [])
 
 
 class ConfigError(AsyncDBError, ValueError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .actor import ActorRef
@@ -24,6 +24,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger("asyncdb.scheduler")
 
 Message = Callable[[int, int], dict[str, Any]]  # (unit, replica) -> the unit's message
+Alive = Callable[[ActorRef], Awaitable[bool]]
 Accept = Callable[[int, int, dict[str, Any]], None]  # (unit, replica, result)
 LOST = (ChannelClosed, ActorDead, Timeout)
 MAX_FAILURES = 5  # failed units in a row, with nothing found dead, before a replica is lost
@@ -34,12 +35,14 @@ class UnitScheduler:
 
     def __init__(self, replicas: list[ActorRef], events: Events, *,
                  recovery: Recovery | None = None, unit_timeout: float | None = None,
-                 shard_nodes: Callable[[], list[str]] = list) -> None:
+                 shard_nodes: Callable[[], list[str]] = list,
+                 alive: Alive | None = None) -> None:
         self.refs = list(replicas)
         self.events = events
         self.recovery = recovery
         self.unit_timeout = unit_timeout
         self.shard_nodes = shard_nodes
+        self.alive_check = alive
         self.lost: list[int] = []
         self.stopping = False
         self.reassigned = 0
@@ -118,6 +121,12 @@ class UnitScheduler:
         """After a failed unit: whether `replica` goes on (its new incarnation, or the
         same one when something else failed)."""
         recovery = self.recovery
+        if recovery is None and self.alive_check is not None \
+                and await self.alive_check(self.ref(replica)):
+            # nothing re-creates what failed (a shard's node): the run cannot go on
+            log.error("replica %d is alive but failed: %s", replica, error)
+            raise type(error)(f"replica {replica} failed though it is still running, so "
+                              f"a shard is unreachable: {error}") from error
         if recovery is None or not recovery.tracks("replica", replica) \
                 or failures >= MAX_FAILURES:
             self.lost.append(replica)

@@ -69,6 +69,7 @@ def _serve(*extra: str) -> tuple[subprocess.Popen[str], list[str]]:
 async def test_serve_exposes_metrics_apart_from_the_websocket_listener(tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # serve refuses secret files others may read
     proc, lines = await asyncio.to_thread(
         _serve, "--listen", "127.0.0.1:0", "--secret-file", str(secret), "--metrics", "0")
     try:
@@ -98,6 +99,7 @@ async def test_serve_exposes_metrics_apart_from_the_websocket_listener(tmp_path)
 def test_serve_refuses_a_bad_metrics_address(tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # serve refuses secret files others may read
     out = subprocess.run([sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0",
                           "--secret-file", str(secret), "--metrics", "here:there"],
                          capture_output=True, text=True, timeout=60, check=False)

@@ -20,14 +20,20 @@ import numpy as np
 from asyncdb.models import Model
 from asyncdb.transport import ws
 
+from .actor import ActorRef
 from .coordinator import Progress
 from .datasets import Dataset
 from .downpour import Downpour
 from .errors import ConfigError
+from .lbfgs import train_sandblaster
 from .node import Node
 from .optim import Adagrad, UpdateRule
+from .params import Layout, ParameterLayout
 from .placement import InProcess, LocalProcesses, Placement, RemotePeers
 from .process import LocalNodes
+from .recovery import Recovery
+from .sandblaster import Sandblaster
+from .shard_client import ShardClient
 from .training import DownpourRun, Options
 
 
@@ -83,7 +89,8 @@ class Cluster:
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
         self._started = False
-        self._live: DownpourRun | None = None
+        self._live: tuple[Layout, ShardClient] | None = None  # for parameters()
+        self._run: DownpourRun | None = None  # a Downpour run in progress
 
     @classmethod
     def inproc(cls, shards: int = 1, replicas: int = 1, *, partitions: int = 1,
@@ -146,7 +153,7 @@ class Cluster:
         if node is None or node.closed or not self._started:
             return []
         shard_nodes, slot_nodes = self.placement.place(self.shards, self.slots)
-        recovery = None if self._live is None else self._live.recovery
+        recovery = None if self._run is None else self._run.recovery
         if recovery is not None:  # where failed actors were re-created
             shard_nodes = [recovery.current("shard", i).node if recovery.tracks("shard", i)
                            else n for i, n in enumerate(shard_nodes)]
@@ -185,8 +192,9 @@ class Cluster:
             await self.node.close()
 
     async def train(self, model: Model, data: Dataset, *,
-                    algorithm: Downpour | None = None, optimizer: UpdateRule | None = None,
-                    epochs: float = 1.0, steps: int | None = None, seed: int = 0,
+                    algorithm: Downpour | Sandblaster | None = None,
+                    optimizer: UpdateRule | None = None,
+                    epochs: float | None = 1.0, steps: int | None = None, seed: int = 0,
                     eval_every: float = 2.0, eval_rows: int = 2000,
                     engine: str = "blocked", shard_threads: int | None = None,
                     on_progress: Progress | None = None,
@@ -205,6 +213,10 @@ class Cluster:
         node = self.node
         if node is None:
             raise ConfigError("use the cluster inside `async with`")
+        if isinstance(algorithm, Sandblaster):
+            return await self._train_sandblaster(model, data, algorithm, epochs, steps,
+                                                 optimizer, seed, on_progress)
+        epochs = 1.0 if epochs is None else epochs
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
         placement = self.placement
@@ -217,11 +229,11 @@ class Cluster:
                           resume=resume)
         run = DownpourRun(node, placement, self.shards, self.replicas, model, data,
                           algorithm, optimizer, options, partitions=self.partitions)
-        self._live = run
+        self._run = run
         try:
             result = await run.execute()
         finally:
-            self._live = None
+            self._run = None
         layout = run.layout
         return Run(
             history=result["history"], params=dict(layout.tensors(result["params"])),
@@ -237,8 +249,48 @@ class Cluster:
                     else str(checkpoint_dir), "checkpoint_every": checkpoint_every,
                     "resume": None if resume is None else str(resume)})
 
+    async def _train_sandblaster(self, model: Model, data: Dataset, algorithm: Sandblaster,
+                                 epochs: float | None, steps: int | None,
+                                 optimizer: UpdateRule | None, seed: int,
+                                 on_progress: Progress | None) -> Run:
+        """Sandblaster L-BFGS: counts iterations (`algorithm.iterations`), not epochs."""
+        if epochs is not None or steps is not None or optimizer is not None:
+            raise ConfigError("Sandblaster counts iterations, not epochs or steps, and has "
+                              "no update rule: pass epochs=None and no steps or optimizer")
+        if self.partitions != 1:
+            raise ConfigError("Sandblaster runs whole replicas: use partitions=1")
+        assert self.node is not None
+        layout = ParameterLayout(model.param_shapes())
+
+        def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
+            self._live = (layout, ShardClient(shards, bounds))
+
+        try:
+            result = await train_sandblaster(self.node, self.placement, self.shards,
+                                             self.replicas, model, data, algorithm, seed=seed,
+                                             on_progress=on_progress, on_shards=live)
+        finally:
+            self._live = None
+        return Run(
+            history=result["history"], params=dict(layout.views(np.array(result["params"]))),
+            replicas={int(k): v for k, v in result["replicas"].items()},
+            shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
+            config={"mode": self.placement.name, "shards": self.shards,
+                    "replicas": self.replicas, "model": model.to_config(),
+                    "algorithm": {"name": "sandblaster", **algorithm.to_config()},
+                    "seed": seed, "data": data.name})
+
+    @property
+    def recovery(self) -> Recovery | None:
+        """The recovery of the Downpour run in progress (its events, its sites), if any."""
+        return None if self._run is None else self._run.recovery
+
     async def parameters(self) -> dict[str, np.ndarray]:
         """The current parameters of the run in progress, fetched from its shards."""
-        if self._live is None or self._live.client is None:
+        run = self._run
+        if run is not None and run.client is not None:
+            return run.layout.tensors(await run.client.parameters())
+        if self._live is None:
             raise ConfigError("no training run is in progress")
-        return self._live.layout.tensors(await self._live.client.parameters())
+        layout, client = self._live
+        return layout.tensors(await client.parameters())

@@ -11,7 +11,8 @@ A unit goes through four states:
 - `take(worker)` leases a pending unit (oldest first). When none is pending and
   backups are on, an idle worker gets a *backup copy* of an outstanding unit it does
   not hold (the one with the fewest copies, leased longest ago), up to `max_copies`
-  live leases per unit.
+  live leases per unit, once the unit has been out `backup_after` times the mean time
+  units took so far (a straggler's, not one about to finish: copies cost work).
 - `finish(lease)` reports a result. The first result of a live lease counts (True)
   and the unit is held by that worker until it `settle`s it (its result is durable:
   the gradient reached the shards); every other copy's result, and any result on a
@@ -69,6 +70,7 @@ class WorkQueue:
 
     def __init__(self, units: int | Iterable[int], *, backups: bool = False,
                  lease_seconds: float | None = None, max_copies: int = 2,
+                 backup_after: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         ids = list(range(units)) if isinstance(units, int) else list(units)
         if not ids:
@@ -79,6 +81,10 @@ class WorkQueue:
             raise ConfigError("lease_seconds must be positive (or None: no deadline)")
         if max_copies < 1:
             raise ConfigError("max_copies must be at least 1")
+        if backup_after < 0:
+            raise ConfigError("backup_after cannot be negative")
+        self.backup_after = backup_after
+        self._took: list[float] = []  # how long finished units were out
         self.backups = backups
         self.lease_seconds = lease_seconds
         self.max_copies = max_copies
@@ -114,9 +120,18 @@ class WorkQueue:
         return [u for u, w in self.holder.items() if w == worker]
 
     def next_deadline(self) -> float | None:
+        """When `expire` or `take` may next have something new: a lease deadline, or
+        an outstanding unit becoming old enough for a backup copy."""
         deadlines = [lease.deadline for u in self.outstanding() for lease in self.leases[u]
                      if lease.deadline is not None and lease.serial not in self._expired]
+        if self.backups and self._took:
+            deadlines += [self._backup_time(u) for u in self.outstanding()
+                          if len(self.leases[u]) < self.max_copies]
         return min(deadlines, default=None)
+
+    def _backup_time(self, unit: int) -> float:
+        first = min(x.issued for x in self.leases[unit])
+        return first + self.backup_after * sum(self._took) / len(self._took)
 
     # -- transitions ---------------------------------------------------------------
 
@@ -128,8 +143,12 @@ class WorkQueue:
                 return self._lease(unit, worker, backup=False)
         if not self.backups:
             return None
+        if not self._took:
+            return None  # no unit finished yet: nothing says which one is late
+        now = self.clock()
         candidates = [u for u in self.outstanding() if not self._holds(u, worker)
-                      and len(self.leases[u]) < self.max_copies]
+                      and len(self.leases[u]) < self.max_copies
+                      and self._backup_time(u) <= now]
         if not candidates:
             return None
         unit = min(candidates, key=lambda u: (len(self.leases[u]),
@@ -141,6 +160,7 @@ class WorkQueue:
         """Report `lease`'s result: True if it is the first (count it), else False."""
         live = self.leases.get(lease.unit, [])
         if lease in live and self.state[lease.unit] == LEASED:
+            self._took.append(self.clock() - lease.issued)
             self.state[lease.unit] = FINISHED
             self.holder[lease.unit] = lease.worker
             self.leases[lease.unit] = []

@@ -43,12 +43,27 @@ def test_backup_copies_go_to_idle_workers_and_first_result_wins():
 
 
 def test_copies_are_limited_and_spread():
-    q = WorkQueue(2, backups=True, max_copies=2)
-    a, b = q.take("a"), q.take("b")
+    q = WorkQueue(3, backups=True, max_copies=2, backup_after=0.0)
+    a, b, done = q.take("a"), q.take("b"), q.take("z")
+    assert q.take("c") is None  # no unit finished yet: none is known to be late
+    assert q.finish(done)
     c = q.take("c")
     d = q.take("d")
     assert {c.unit, d.unit} == {a.unit, b.unit}  # one copy each before a second of one
     assert q.take("e") is None  # both units at max_copies
+
+
+def test_only_late_units_are_copied():
+    clock = Clock()
+    q = WorkQueue(2, backups=True, backup_after=2.0, clock=clock)
+    fast, slow = q.take("fast"), q.take("slow")
+    clock.now = 0.5
+    assert q.finish(fast)  # units take 0.5 s so far
+    assert q.take("fast") is None  # the slow one is not late yet: no copy
+    assert q.next_deadline() == pytest.approx(1.0)  # out twice the mean
+    clock.now = 1.0
+    copy = q.take("fast")
+    assert copy.unit == slow.unit and copy.backup
 
 
 def test_a_lost_worker_gives_back_its_leases_and_unsettled_results():

@@ -76,8 +76,7 @@ async def _inject(cluster: Cluster, training: asyncio.Task[Run], settings: Setti
         await asyncio.wait([training], timeout=settings.fault_every)
         if training.done():
             return
-        live = cluster._live
-        recovery = None if live is None else live.recovery
+        recovery = cluster.recovery
         if recovery is None:
             return
         await recovery.settled()  # one fault at a time

@@ -140,7 +140,7 @@ class Coordinator(Actor):
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     index = tasks.pop(task)
-                    result = await self._outcome(task, replicas[index], index, lost)
+                    result = await self._outcome(task, index, lost)
                     if result is not None:
                         summaries[index] = _merge(summaries.get(index), result)
                 if tasks and loop.time() >= next_eval:
@@ -171,18 +171,21 @@ class Coordinator(Actor):
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
 
-    async def _outcome(self, task: asyncio.Future[Any], replica: ActorRef, index: int,
+    async def _outcome(self, task: asyncio.Future[Any], index: int,
                        lost: list[int]) -> dict[str, Any] | None:
-        """A replica's summary; None if the replica is lost (noted in `lost`). Only a
-        replica that is gone is lost: one that is still there but failed, say because
-        a shard's node went away, fails the run."""
+        """A replica's summary; None if the replica is lost (noted in `lost`). A
+        replica that failed because a shard went away is no lost replica: with a shard
+        gone the run cannot go on, and fails."""
         try:
             result: dict[str, Any] = task.result()
         except (ChannelClosed, ActorDead) as exc:
-            if await actor_alive(self.node, replica):
-                log.error("replica %d is alive but failed: %s", index, exc)
-                raise type(exc)(f"replica {index} failed though it is still running, "
-                                f"so a shard is unreachable: {exc}") from exc
+            gone = [i for i, ref in enumerate(self.shards.shards)
+                    if not await actor_alive(self.node, ref)]
+            if gone:
+                log.error("replica %d failed and shards %s are unreachable: %s", index,
+                          gone, exc)
+                raise type(exc)(f"shard {gone[0]} is unreachable, so the run cannot go "
+                                f"on (replica {index}: {exc})") from exc
             lost.append(index)
             log.warning("replica %d lost (%s); training goes on without it", index, exc)
             return None

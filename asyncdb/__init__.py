@@ -26,6 +26,7 @@ from .errors import (
     RemoteTraceback,
     Timeout,
     TrainingDiverged,
+    TrainingFailed,
     UpdateRejected,
     VersionMismatch,
 )
@@ -35,6 +36,7 @@ from .optim import SGD, Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
+from .sandblaster import Sandblaster
 from .shard import ParameterShard
 from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
@@ -70,11 +72,13 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "Sandblaster",
     "ShardCheckpoint",
     "ShardClient",
     "Supervisor",
     "Timeout",
     "TrainingDiverged",
+    "TrainingFailed",
     "UpdateRejected",
     "UpdateRule",
     "VersionMismatch",

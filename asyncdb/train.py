@@ -8,7 +8,7 @@ from pathlib import Path
 
 from asyncdb.models import MLP
 
-from . import datasets
+from . import datasets, sandblaster_cli
 from .cluster import Cluster, Run
 from .dashboard import Dashboard
 from .downpour import Downpour
@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "(default runs/train-<time>.json)")
     add("--dashboard", nargs="?", const="127.0.0.1:0", metavar="HOST:PORT",
         help="serve a live dashboard while training (default 127.0.0.1, a free port)")
+    # Model parallelism: each replica split across partitions (processes, or peers).
+    add("--partitions", type=int, default=1,
+        help="partitions per replica (default 1); needs --shards at least as many")
+    sandblaster_cli.add_arguments(parser)  # --algorithm sandblaster and its options
 
 
 def _optimizer(args: argparse.Namespace) -> UpdateRule:
@@ -76,16 +80,20 @@ async def train(args: argparse.Namespace) -> Run:
             raise ConfigError("--peers needs --secret-file")
         urls = [u.strip() for u in args.peers.split(",") if u.strip()]
         cluster = Cluster.connect(urls, read_secret(args.secret_file), shards=args.shards,
-                                  replicas=args.replicas,
+                                  replicas=args.replicas, partitions=args.partitions,
                                   ssl_context=client_ssl(args.ca, args.insecure))
         where = f"on {len(urls)} peers"
     elif args.inproc:
-        cluster = Cluster.inproc(args.shards, args.replicas)
+        cluster = Cluster.inproc(args.shards, args.replicas, partitions=args.partitions)
         where = "in this process"
     else:
-        cluster = Cluster.local(args.shards, args.replicas, colocate=args.colocate)
+        cluster = Cluster.local(args.shards, args.replicas, colocate=args.colocate,
+                                partitions=args.partitions)
         where = "in node processes on this host"
-    print(f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
+    if args.algorithm == "sandblaster":
+        return await sandblaster_cli.train(args, data, hidden, cluster, where)
+    split = f" of {args.partitions} partitions" if args.partitions > 1 else ""
+    print(f"asyncdb train: {model} on {data}, {args.replicas} replicas{split} and {args.shards} "
           f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")
     bar = TrainingProgress(int(args.epochs * len(data.x_train)))

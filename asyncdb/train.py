@@ -98,13 +98,14 @@ async def train(args: argparse.Namespace) -> Run:
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")
     bar = TrainingProgress(int(args.epochs * len(data.x_train)))
     dashboard = Dashboard(cluster, title=f"asyncdb train: {model} on {data.name}")
-    async with dashboard, cluster:
-        if args.dashboard is not None:
+    async with dashboard:
+        if args.dashboard is not None:  # before the cluster starts: a bad address fails fast
             bar.write(f"dashboard: {await dashboard.start(args.dashboard)}")
-        run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
-                                  epochs=args.epochs, seed=args.seed,
-                                  eval_every=args.eval_every, engine=args.engine,
-                                  on_progress=dashboard.chain(bar.update))
+        async with cluster:
+            run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
+                                      epochs=args.epochs, seed=args.seed,
+                                      eval_every=args.eval_every, engine=args.engine,
+                                      on_progress=dashboard.chain(bar.update))
         dashboard.finish()
     bar.close()
     final = run.final

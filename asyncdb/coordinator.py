@@ -151,7 +151,7 @@ class Coordinator(Actor):
         self._baseline = await self._initial_loss()
         scheduler = UnitScheduler(replicas, self.events, recovery=self.recovery,
                                   shard_nodes=self._shard_nodes,
-                                  alive=lambda ref: actor_alive(self.node, ref))
+                                  shards_gone=self._shards_gone)
         self.scheduler = scheduler
         self.lost = scheduler.lost
         summaries: dict[int, dict[str, Any]] = {}
@@ -227,6 +227,11 @@ class Coordinator(Actor):
                 log.info("evaluation skipped: %s", exc)
                 continue
             self._check_loss(entry)
+
+    async def _shards_gone(self) -> list[int]:
+        """The shards that no longer answer."""
+        return [i for i, ref in enumerate(self.shards.shards)
+                if not await actor_alive(self.node, ref)]
 
     def _shard_nodes(self) -> list[str]:
         return [ref.node_id for ref in self.shards.shards]

@@ -24,7 +24,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger("asyncdb.scheduler")
 
 Message = Callable[[int, int], dict[str, Any]]  # (unit, replica) -> the unit's message
-Alive = Callable[[ActorRef], Awaitable[bool]]
+ShardsGone = Callable[[], Awaitable[list[int]]]
 Accept = Callable[[int, int, dict[str, Any]], None]  # (unit, replica, result)
 LOST = (ChannelClosed, ActorDead, Timeout)
 MAX_FAILURES = 5  # failed units in a row, with nothing found dead, before a replica is lost
@@ -36,13 +36,13 @@ class UnitScheduler:
     def __init__(self, replicas: list[ActorRef], events: Events, *,
                  recovery: Recovery | None = None, unit_timeout: float | None = None,
                  shard_nodes: Callable[[], list[str]] = list,
-                 alive: Alive | None = None) -> None:
+                 shards_gone: ShardsGone | None = None) -> None:
         self.refs = list(replicas)
         self.events = events
         self.recovery = recovery
         self.unit_timeout = unit_timeout
         self.shard_nodes = shard_nodes
-        self.alive_check = alive
+        self.shards_gone = shards_gone
         self.lost: list[int] = []
         self.stopping = False
         self.reassigned = 0
@@ -121,12 +121,13 @@ class UnitScheduler:
         """After a failed unit: whether `replica` goes on (its new incarnation, or the
         same one when something else failed)."""
         recovery = self.recovery
-        if recovery is None and self.alive_check is not None \
-                and await self.alive_check(self.ref(replica)):
-            # nothing re-creates what failed (a shard's node): the run cannot go on
-            log.error("replica %d is alive but failed: %s", replica, error)
-            raise type(error)(f"replica {replica} failed though it is still running, so "
-                              f"a shard is unreachable: {error}") from error
+        if recovery is None and self.shards_gone is not None:
+            gone = await self.shards_gone()
+            if gone:  # nothing re-creates a shard here: the run cannot go on
+                log.error("replica %d failed and shards %s are unreachable: %s", replica,
+                          gone, error)
+                raise type(error)(f"shard {gone[0]} is unreachable, so the run cannot go on "
+                                  f"(replica {replica}: {error})") from error
         if recovery is None or not recovery.tracks("replica", replica) \
                 or failures >= MAX_FAILURES:
             self.lost.append(replica)

@@ -244,8 +244,7 @@ class ParameterShard(Actor):
 
     def restore(self, message: dict[str, Any]) -> int:
         """Adopt a checkpoint; every part is checked before anything changes."""
-        dtype = self.values.dtype
-        values = np.asarray(message["values"], dtype).reshape(-1)
+        values = np.asarray(message["values"], self.values.dtype).reshape(-1)
         if values.shape != self.values.shape:
             raise UpdateRejected(f"shard {self.index}: checkpoint shape {values.shape} "
                                  f"does not match {self.values.shape}")
@@ -253,7 +252,7 @@ class ParameterShard(Actor):
         if not _is_version(version):
             raise UpdateRejected(f"shard {self.index}: bad checkpoint version {version!r}")
         state = message.get("state") or {}
-        states = {name: np.asarray(saved, dtype).reshape(-1)
+        states = {name: np.asarray(saved, self.updater.state[name].dtype).reshape(-1)
                   for name, saved in state.items() if name in self.updater.state}
         if any(saved.shape != self.values.shape for saved in states.values()):
             raise UpdateRejected(f"shard {self.index}: checkpoint state shape does not match")

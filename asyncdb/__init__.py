@@ -25,6 +25,7 @@ from .errors import (
     MessageTooLarge,
     RemoteTraceback,
     Timeout,
+    TrainingFailed,
     UpdateRejected,
     VersionMismatch,
 )
@@ -34,6 +35,7 @@ from .optim import SGD, Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
+from .sandblaster import Sandblaster
 from .shard import ParameterShard
 from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
@@ -69,10 +71,12 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "Sandblaster",
     "ShardCheckpoint",
     "ShardClient",
     "Supervisor",
     "Timeout",
+    "TrainingFailed",
     "UpdateRejected",
     "UpdateRule",
     "VersionMismatch",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from asyncdb.models import MLP
 
-from . import datasets
+from . import datasets, sandblaster_cli
 from .cluster import Cluster, Run
 from .dashboard import Dashboard
 from .downpour import Downpour
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Model parallelism: each replica split across partitions (processes, or peers).
     add("--partitions", type=int, default=1,
         help="partitions per replica (default 1); needs --shards at least as many")
+    sandblaster_cli.add_arguments(parser)  # --algorithm sandblaster and its options
 
 
 def _optimizer(args: argparse.Namespace) -> UpdateRule:
@@ -89,19 +90,22 @@ async def train(args: argparse.Namespace) -> Run:
         cluster = Cluster.local(args.shards, args.replicas, colocate=args.colocate,
                                 partitions=args.partitions)
         where = "in node processes on this host"
+    if args.algorithm == "sandblaster":
+        return await sandblaster_cli.train(args, data, hidden, cluster, where)
     split = f" of {args.partitions} partitions" if args.partitions > 1 else ""
     print(f"asyncdb train: {model} on {data}, {args.replicas} replicas{split} and {args.shards} "
           f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")
     bar = TrainingProgress(int(args.epochs * len(data.x_train)))
     dashboard = Dashboard(cluster, title=f"asyncdb train: {model} on {data.name}")
-    async with dashboard, cluster:
-        if args.dashboard is not None:
+    async with dashboard:
+        if args.dashboard is not None:  # before the cluster starts: a bad address fails fast
             bar.write(f"dashboard: {await dashboard.start(args.dashboard)}")
-        run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
-                                  epochs=args.epochs, seed=args.seed,
-                                  eval_every=args.eval_every, engine=args.engine,
-                                  on_progress=dashboard.chain(bar.update))
+        async with cluster:
+            run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
+                                      epochs=args.epochs, seed=args.seed,
+                                      eval_every=args.eval_every, engine=args.engine,
+                                      on_progress=dashboard.chain(bar.update))
         dashboard.finish()
     bar.close()
     final = run.final

@@ -44,6 +44,23 @@ def test_bad_arguments_fail_clearly():
     assert out.returncode != 0 and "n_fetch" in out.stderr
 
 
+def test_train_sandblaster(tmp_path):
+    history = tmp_path / "sb.json"
+    out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--lbfgs-memory", "5",
+                      "--portion-size", "128", "--iterations", "6", "--hidden", "",
+                      "--history", str(history))
+    assert out.returncode == 0, out.stderr
+    assert "Sandblaster L-BFGS" in out.stdout and "iteration    6" in out.stdout
+    saved = json.loads(history.read_text())
+    assert saved["config"]["algorithm"]["name"] == "sandblaster"
+    assert saved["config"]["algorithm"]["memory"] == 5
+    assert saved["config"]["algorithm"]["portion_size"] == 128
+    assert [e["iteration"] for e in saved["history"]] == list(range(7))
+    assert saved["history"][-1]["test_accuracy"] > 0.9
+    out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--portion-size", "0")
+    assert out.returncode == 1 and "portion_size" in out.stderr
+
+
 @pytest.mark.slow
 def test_train_with_partitions(tmp_path):
     history = tmp_path / "h.json"
@@ -67,3 +84,8 @@ def test_train_prints_the_dashboard_url(tmp_path):
     assert out.returncode == 0, out.stderr
     assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", out.stdout, re.M), out.stdout
     assert re.search(r"ETA .* ex/s .* val acc .* staleness .* lost 0$", out.stdout, re.M)
+
+
+def test_a_bad_dashboard_address_fails_clearly():
+    out = asyncdb_cli("train", "--inproc", "--dashboard", "127.0.0.1:http")
+    assert out.returncode == 1 and "ConfigError" in out.stderr and "HOST:PORT" in out.stderr

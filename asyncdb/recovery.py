@@ -160,6 +160,7 @@ class Recovery:
         self._busy: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.closed = False  # the run is over: failures are not its business any more
         placement.on_failure(self.failed)
 
     def track(self, role: str, index: int, node: str, ref: ActorRef, respawn: Respawn) -> None:
@@ -174,7 +175,7 @@ class Recovery:
 
     def failed(self, node: str, reason: str) -> None:
         """A node failed (from the placement, or found by `suspect`): replace it."""
-        if node in self._failed or self.failure is not None:
+        if node in self._failed or self.failure is not None or self.closed:
             return
         victims = [s for s in self.sites.values() if s.node == node]
         if not victims:
@@ -246,6 +247,7 @@ class Recovery:
                     ", ".join(f"{s.role} {s.index}" for s in victims))
 
     async def close(self) -> None:
+        self.closed = True
         for task in list(self._busy):
             task.cancel()
         await asyncio.gather(*self._busy, return_exceptions=True)

@@ -150,3 +150,46 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_checkpoints(tmp_path):
                            capture_output=True, text=True, timeout=300, check=True)
     clean_accuracy = float(clean.stdout.splitlines()[-1].split()[1])
     assert float(accuracy) >= clean_accuracy - 0.02
+
+
+@pytest.fixture
+def three_peers(tmp_path):
+    from test_ws import Serve
+
+    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1")
+             for name in ("peer-a", "peer-b", "peer-c")]
+    yield peers
+    for peer in peers:
+        peer.stop()
+
+
+@pytest.mark.parametrize("victim", ["replica", "shard"])
+async def test_a_killed_serve_peer_does_not_lose_the_run(three_peers, victim, tmp_path):
+    from test_ws import SECRET
+
+    data = asyncdb.datasets.load("digits")
+    urls = [p.url for p in three_peers]
+    async with asyncdb.Cluster.connect(urls, SECRET, shards=1, replicas=2,
+                                       heartbeat=1.0) as cluster:
+        under_way = asyncio.Event()
+        training = asyncio.create_task(cluster.train(
+            MLP([64, 64, 10]), data, algorithm=asyncdb.Downpour(batch_size=16, unit_steps=20),
+            optimizer=asyncdb.Adagrad(lr=0.05), epochs=30, eval_every=0.1,
+            checkpoint_every=0.2,
+            on_progress=lambda entry: entry["time"] > 0.5 and under_way.set()))
+        await asyncio.wait_for(under_way.wait(), 60)
+        role = {a["role"]: a["node"] for a in cluster.describe()
+                if a["role"] in ("shard", "replica") and a["index"] in (0, 1)}
+        target = role["shard"] if victim == "shard" else \
+            next(a["node"] for a in cluster.describe() if a["role"] == "replica"
+                 and a["index"] == 1)
+        peer = three_peers[["peer-a", "peer-b", "peer-c"].index(target)]
+        os.kill(peer.proc.pid, signal.SIGKILL)
+        run = await asyncio.wait_for(training, 180)
+    assert run.units["done"] == run.units["planned"]
+    failure = _events(run, "failure")
+    assert len(failure) == 1 and failure[0]["node"] == target, run.events
+    recovered = _events(run, "recovered")
+    assert [e["role"] for e in recovered] == [victim]
+    assert recovered[0]["node"] != target
+    assert run.final["test_accuracy"] > 0.9

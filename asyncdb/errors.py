@@ -21,6 +21,7 @@ from asyncdb.transport.errors import (
 __all__ = [
     "ActorDead",
     "ActorError",
+    "AllReplicasLost",
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
@@ -29,6 +30,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "MessageTooLarge",
+    "RecoveryFailed",
     "RemoteTraceback",
     "Timeout",
     "TrainingDiverged",
@@ -90,6 +92,16 @@ class TrainingDiverged(AsyncDBError):
 class ConfigError(AsyncDBError, ValueError):
     """Raised for a configuration that cannot work: an unknown actor type, an invalid
     option, a layout that does not match the model."""
+
+
+class RecoveryFailed(AsyncDBError):
+    """Raised to a run whose failed shard cannot be brought back (restarts used up,
+    no node left to put it on, no usable checkpoint): the run stops with its history."""
+
+
+class AllReplicasLost(AsyncDBError):
+    """Raised to a run when every replica was lost, none could be re-created, and work
+    was left."""
 
 
 class CheckpointError(AsyncDBError):

@@ -106,8 +106,8 @@ async def train(args: argparse.Namespace) -> Run:
                                       epochs=args.epochs, seed=args.seed,
                                       eval_every=args.eval_every, engine=args.engine,
                                       on_progress=dashboard.chain(bar.update))
+            bar.close()  # before the nodes stop, so its clock shows training time
         dashboard.finish()
-    bar.close()
     final = run.final
     print(f"done in {run.seconds:.2f} s: test accuracy {final['test_accuracy']:.4f}, "
           f"loss {final['loss']:.4f}, {final['examples_per_s']:.0f} examples/s, "

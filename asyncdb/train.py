@@ -98,15 +98,16 @@ async def train(args: argparse.Namespace) -> Run:
           f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs")
     bar = TrainingProgress(int(args.epochs * len(data.x_train)))
     dashboard = Dashboard(cluster, title=f"asyncdb train: {model} on {data.name}")
-    async with dashboard, cluster:
-        if args.dashboard is not None:
+    async with dashboard:
+        if args.dashboard is not None:  # before the cluster starts: a bad address fails fast
             bar.write(f"dashboard: {await dashboard.start(args.dashboard)}")
-        run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
-                                  epochs=args.epochs, seed=args.seed,
-                                  eval_every=args.eval_every, engine=args.engine,
-                                  on_progress=dashboard.chain(bar.update))
+        async with cluster:
+            run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
+                                      epochs=args.epochs, seed=args.seed,
+                                      eval_every=args.eval_every, engine=args.engine,
+                                      on_progress=dashboard.chain(bar.update))
+            bar.close()  # before the nodes stop, so its clock shows training time
         dashboard.finish()
-    bar.close()
     final = run.final
     print(f"done in {run.seconds:.2f} s: test accuracy {final['test_accuracy']:.4f}, "
           f"loss {final['loss']:.4f}, {final['examples_per_s']:.0f} examples/s, "

@@ -84,3 +84,8 @@ def test_train_prints_the_dashboard_url(tmp_path):
     assert out.returncode == 0, out.stderr
     assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", out.stdout, re.M), out.stdout
     assert re.search(r"ETA .* ex/s .* val acc .* staleness .* lost 0$", out.stdout, re.M)
+
+
+def test_a_bad_dashboard_address_fails_clearly():
+    out = asyncdb_cli("train", "--inproc", "--dashboard", "127.0.0.1:http")
+    assert out.returncode == 1 and "ConfigError" in out.stderr and "HOST:PORT" in out.stderr

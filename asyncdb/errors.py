@@ -99,11 +99,6 @@ class RecoveryFailed(AsyncDBError):
     no node left to put it on, no usable checkpoint): the run stops with its history."""
 
 
-class AllReplicasLost(AsyncDBError):
-    """Raised to a run when every replica was lost, none could be re-created, and work
-    was left."""
-
-
 class CheckpointError(AsyncDBError):
     """Raised when a checkpoint cannot be written or read back: a file that is missing,
     truncated or fails its checksum (an older checkpoint is used where there is one)."""
@@ -142,3 +137,8 @@ def error_from_remote(info: dict[str, str]) -> AsyncDBError:
 class TrainingFailed(AsyncDBError):
     """Raised by `Cluster.train` when a run cannot go on: every replica was lost, or
     the shards refused the run's state."""
+
+
+class AllReplicasLost(TrainingFailed):
+    """Raised to a Downpour run when every replica was lost, none could be re-created,
+    and work was left."""

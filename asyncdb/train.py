@@ -91,6 +91,9 @@ async def train(args: argparse.Namespace) -> Run:
                                 partitions=args.partitions)
         where = "in node processes on this host"
     if args.algorithm == "sandblaster":
+        if args.dashboard is not None:
+            raise ConfigError("--dashboard shows Downpour runs; Sandblaster prints each "
+                              "iteration instead")
         return await sandblaster_cli.train(args, data, hidden, cluster, where)
     split = f" of {args.partitions} partitions" if args.partitions > 1 else ""
     print(f"asyncdb train: {model} on {data}, {args.replicas} replicas{split} and {args.shards} "

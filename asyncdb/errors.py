@@ -7,6 +7,8 @@ re-exported here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from asyncdb.transport.errors import (
     AsyncDBError,
     AuthenticationError,
@@ -19,6 +21,7 @@ from asyncdb.transport.errors import (
 __all__ = [
     "ActorDead",
     "ActorError",
+    "AllReplicasLost",
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
@@ -27,8 +30,10 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "MessageTooLarge",
+    "RecoveryFailed",
     "RemoteTraceback",
     "Timeout",
+    "TrainingDiverged",
     "TrainingFailed",
     "UpdateRejected",
     "VersionMismatch",
@@ -74,9 +79,24 @@ class UpdateRejected(AsyncDBError, ValueError):
     Inf; the shard's parameters are left as they were."""
 
 
+class TrainingDiverged(AsyncDBError):
+    """Raised by `Cluster.train` when a run diverges: the replicas' loss turns NaN or
+    Inf or grows past a hundred times its first value, or a shard refuses a push whose
+    update would overflow. `history` holds the run's evaluations so far."""
+
+    def __init__(self, message: str, history: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.history = list(history or [])
+
+
 class ConfigError(AsyncDBError, ValueError):
     """Raised for a configuration that cannot work: an unknown actor type, an invalid
     option, a layout that does not match the model."""
+
+
+class RecoveryFailed(AsyncDBError):
+    """Raised to a run whose failed shard cannot be brought back (restarts used up,
+    no node left to put it on, no usable checkpoint): the run stops with its history."""
 
 
 class CheckpointError(AsyncDBError):
@@ -117,3 +137,8 @@ def error_from_remote(info: dict[str, str]) -> AsyncDBError:
 class TrainingFailed(AsyncDBError):
     """Raised by `Cluster.train` when a run cannot go on: every replica was lost, or
     the shards refused the run's state."""
+
+
+class AllReplicasLost(TrainingFailed):
+    """Raised to a Downpour run when every replica was lost, none could be re-created,
+    and work was left."""

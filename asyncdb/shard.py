@@ -65,6 +65,10 @@ class ParameterShard(Actor):
         self.update_counts = [0] * (len(UPDATE_BUCKETS) + 1)
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+        # replica index -> lowest generation whose pushes are still accepted: an
+        # incarnation that was replaced (it froze, then woke up) is refused
+        self.fences: dict[int, int] = {}
+        self.fenced = 0
 
     @classmethod
     def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
@@ -97,6 +101,7 @@ class ParameterShard(Actor):
     async def receive(self, message: dict[str, Any]) -> Any:
         op = message.get("op") if isinstance(message, dict) else None
         if op == "push":
+            self._check_sender(message.get("sender"))
             result = self.push(message.get("grad"), message.get("version", self.version))
             progress = message.get("progress")
             if isinstance(progress, dict):
@@ -114,9 +119,36 @@ class ParameterShard(Actor):
             return {"values": self.values.copy(), "version": self.version, "state": state}
         if op == "restore":
             return self.restore(message)
+        if op == "fence":
+            return self.fence(message.get("fences"))
         if op in ("vectors", "begin", "accumulate", "missing"):
             return self.sandblaster(op, message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
+    def fence(self, fences: Any) -> dict[str, int]:
+        """Refuse pushes from replica generations below `fences[replica]` from now on."""
+        if not isinstance(fences, dict) or not all(
+                isinstance(k, str) and k.isdigit() and type(v) is int and v >= 0
+                for k, v in fences.items()):
+            raise UpdateRejected(f"shard {self.index}: fences must map replica to generation")
+        for replica, generation in fences.items():
+            index = int(replica)
+            self.fences[index] = max(self.fences.get(index, 0), generation)
+        return {str(k): v for k, v in self.fences.items()}
+
+    def _check_sender(self, sender: Any) -> None:
+        if sender is None:
+            return
+        if not (isinstance(sender, list) and len(sender) == 2
+                and all(type(v) is int and v >= 0 for v in sender)):
+            raise UpdateRejected(f"shard {self.index}: malformed sender {sender!r}")
+        replica, generation = sender
+        if generation < self.fences.get(replica, 0):
+            self.fenced += 1
+            log.warning("shard %d refused a push from replica %d generation %d (replaced by "
+                        "generation %d)", self.index, replica, generation, self.fences[replica])
+            raise UpdateRejected(f"shard {self.index}: replica {replica} generation "
+                                 f"{generation} was replaced; push refused")
+        self.fences[replica] = generation
 
     def fetch(self, lo: Any, hi: Any, vector: Any = "x") -> dict[str, Any]:
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
@@ -155,16 +187,25 @@ class ParameterShard(Actor):
             raise
 
     def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
+        """Apply `grad` computed from parameters of version `fetched_version`. The update
+        is checked after it is computed, not by bounding the gradient first: the new
+        parameters and optimizer state go to spare buffers and are adopted only if all
+        finite, so a finite gradient that would overflow (SGD to -inf, an Adagrad
+        accumulator to inf) is rejected with the shard intact."""
         self._check(grad)
         assert isinstance(grad, np.ndarray)
-        if not isinstance(fetched_version, int) or fetched_version < 0:
-            self.rejected += 1
-            raise UpdateRejected(f"shard {self.index}: bad version {fetched_version!r}")
+        if not _is_version(fetched_version):
+            self._reject(f"bad version {fetched_version!r}")
         start = time.perf_counter()
-        self.updater.apply(self.values, grad)
+        values = self.updater.step(self.values, grad)
         seconds = time.perf_counter() - start
         self.update_seconds += seconds
         self.update_counts[bisect.bisect_left(UPDATE_BUCKETS, seconds)] += 1
+        if values is None:
+            self._reject("the update would make parameters or optimizer state "
+                         "overflow to Inf or NaN")
+        assert values is not None
+        self.values = values
         staleness = max(0, self.version - fetched_version)
         self.version += 1
         self.staleness_sum += staleness
@@ -182,36 +223,53 @@ class ParameterShard(Actor):
         elif not np.isfinite(grad).all():
             problem = "gradient holds NaN or Inf"
         if problem is not None:
-            self.rejected += 1
-            log.warning("shard %d rejected a push: %s", self.index, problem)
-            raise UpdateRejected(f"shard {self.index}: {problem}; parameters unchanged")
+            self._reject(problem)
+
+    def _reject(self, problem: str) -> None:
+        self.rejected += 1
+        log.warning("shard %d rejected a push: %s", self.index, problem)
+        raise UpdateRejected(f"shard {self.index}: {problem}; parameters unchanged")
 
     def stats(self) -> dict[str, Any]:
         return {
             "index": self.index, "size": len(self.values), "version": self.version,
             "updates": self.version, "fetches": self.fetches, "rejected": self.rejected,
             "staleness_mean": self.staleness_sum / self.version if self.version else 0.0,
-            "staleness_max": self.staleness_max, "update_seconds": self.update_seconds,
-            "update_counts": list(self.update_counts),
+            "staleness_max": self.staleness_max, "fenced": self.fenced,
+            "update_seconds": self.update_seconds, "update_counts": list(self.update_counts),
             "engine": self.updater.engine, "threads": self.updater.threads,
             "progress": self.progress,
             **({"lbfgs": self.lbfgs.stats()} if self.lbfgs is not None else {}),
         }
 
     def restore(self, message: dict[str, Any]) -> int:
+        """Adopt a checkpoint; every part is checked before anything changes."""
         values = np.asarray(message["values"], self.values.dtype).reshape(-1)
         if values.shape != self.values.shape:
             raise UpdateRejected(f"shard {self.index}: checkpoint shape {values.shape} "
                                  f"does not match {self.values.shape}")
+        version = message.get("version", 0)
+        if not _is_version(version):
+            raise UpdateRejected(f"shard {self.index}: bad checkpoint version {version!r}")
         state = message.get("state") or {}
+        states = {name: np.asarray(saved, self.updater.state[name].dtype).reshape(-1)
+                  for name, saved in state.items() if name in self.updater.state}
+        if any(saved.shape != self.values.shape for saved in states.values()):
+            raise UpdateRejected(f"shard {self.index}: checkpoint state shape does not match")
+        if not all(np.isfinite(a).all() for a in (values, *states.values())):
+            raise UpdateRejected(f"shard {self.index}: checkpoint holds NaN or Inf")
         if self.lbfgs is not None:
             self.lbfgs.restore(state)
         self.values[...] = values
-        for name, saved in state.items():
-            if name in self.updater.state:
-                self.updater.state[name][...] = saved
-        self.version = int(message.get("version", 0))
+        for name, saved in states.items():
+            self.updater.state[name][...] = saved
+        self.version = version
         return self.version
+
+
+def _is_version(value: Any) -> bool:
+    """A version number: an int (not a bool) in [0, 2**63)."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import datasets
 from .actor import Actor, ActorRef
-from .cluster import Cluster, Run
+from .cluster import Cluster
 from .coordinator import Coordinator
 from .downpour import Downpour, Replica
 from .errors import (
@@ -30,6 +30,7 @@ from .optim import SGD, Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
+from .runs import Run, SavedModel, load
 from .shard import ParameterShard
 from .supervisor import Policy, Supervisor
 from .transport import shared
@@ -61,12 +62,14 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "SavedModel",
     "Supervisor",
     "Timeout",
     "UpdateRejected",
     "UpdateRule",
     "__version__",
     "datasets",
+    "load",
     "register_actor",
     "run",
     "shared",

@@ -8,18 +8,18 @@ one node process per shard and per replica on this host, linked by shared-memory
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
-import json
 import math
 import os
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from asyncdb.models import Model
 from asyncdb.transport import ws
@@ -36,39 +36,8 @@ from .node import Node
 from .optim import Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
-from .shard import ParameterShard, fetch_parameters
-
-
-@dataclass
-class Run:
-    """What `Cluster.train` returns. `history` holds one entry per evaluation: time,
-    examples, examples_per_s, loss, test_accuracy, staleness_mean, staleness_max,
-    updates, replicas; the last entry is the final evaluation on the whole test set."""
-
-    history: list[dict[str, Any]]
-    params: dict[str, np.ndarray]
-    replicas: dict[int, dict[str, Any]]
-    shards: list[dict[str, Any]]
-    lost: list[int]
-    seconds: float
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.history[-1]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "history": self.history, "seconds": self.seconds,
-                "lost_replicas": self.lost,
-                "replicas": {str(k): v for k, v in self.replicas.items()},
-                "shards": [{k: v for k, v in s.items() if k != "progress"}
-                           for s in self.shards]}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1))
-        return path
+from .runs import Run
+from .shard import ParameterShard, fetch_parameters, stop_replicas
 
 
 class Cluster:
@@ -95,6 +64,7 @@ class Cluster:
         self.node: Node | None = None
         self.nodes: LocalNodes | None = None
         self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
+        self._stop_requested = False
 
     @classmethod
     def inproc(cls, shards: int = 1, replicas: int = 1, **options: Any) -> Cluster:
@@ -189,6 +159,7 @@ class Cluster:
             raise ConfigError("use the cluster inside `async with`")
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
+        check_fit(model, data)
         shard_nodes, replica_nodes = self._placement()
         layout = ParameterLayout(model.param_shapes())
         bounds = layout.shard_bounds(self.shards)
@@ -220,47 +191,75 @@ class Cluster:
                      for lo, hi in slices]
             slices = [[0, hi - lo] for lo, hi in slices]
         spawned: list[ActorRef] = []
+        # in-process replicas compute in this process: one BLAS thread, as in node
+        # processes, and only while the run lasts (the limit acts on the whole process)
+        blas = threadpool_limits(1) if self.mode == "inproc" else contextlib.nullcontext()
         try:
-            shards = []
-            for i, (lo, hi) in enumerate(bounds):
-                ref = await node.spawn(ParameterShard, node=shard_nodes[i], config={
-                    "index": i, "values": initial[lo:hi], "optimizer": optimizer.to_config(),
-                    "engine": engine, "threads": shard_threads})
-                shards.append(ref)
-            spawned += shards
-            self._live = (layout, shards, bounds)
-            replicas = []
-            for i in range(self.replicas):
-                ref = await node.spawn(Replica, node=replica_nodes[i], config={
-                    "index": i, "model": model.to_config(), "shards": shards,
-                    "bounds": [list(b) for b in bounds], "data": specs[i],
-                    "algorithm": algorithm.to_config(), "seed": seed})
-                replicas.append(ref)
-            spawned += replicas
-            coordinator = await node.spawn(Coordinator, config={
-                "model": model.to_config(), "shards": shards,
-                "bounds": [list(b) for b in bounds], "x_test": data.x_test,
-                "y_test": data.y_test, "eval_every": eval_every, "eval_rows": eval_rows,
-                "on_progress": on_progress})
-            spawned.append(coordinator)
-            result = await coordinator.ask(
-                {"op": "run", "replicas": replicas, "slices": slices, "steps": per_replica,
-                 "warm_start_steps": algorithm.warm_start_steps}, timeout=None)
-            flat = await coordinator.ask({"op": "params"})
+            with blas:
+                shards = []
+                for i, (lo, hi) in enumerate(bounds):
+                    ref = await node.spawn(ParameterShard, node=shard_nodes[i], config={
+                        "index": i, "values": initial[lo:hi],
+                        "optimizer": optimizer.to_config(), "engine": engine,
+                        "threads": shard_threads})
+                    shards.append(ref)
+                spawned += shards
+                self._live = (layout, shards, bounds)
+                if self._stop_requested:
+                    await self._tell_stop(shards)
+                replicas = []
+                for i in range(self.replicas):
+                    ref = await node.spawn(Replica, node=replica_nodes[i], config={
+                        "index": i, "model": model.to_config(), "shards": shards,
+                        "bounds": [list(b) for b in bounds], "data": specs[i],
+                        "algorithm": algorithm.to_config(), "seed": seed})
+                    replicas.append(ref)
+                spawned += replicas
+                coordinator = await node.spawn(Coordinator, config={
+                    "model": model.to_config(), "shards": shards,
+                    "bounds": [list(b) for b in bounds], "x_test": data.x_test,
+                    "y_test": data.y_test, "x_val": data.x_val, "y_val": data.y_val,
+                    "eval_every": eval_every, "eval_rows": eval_rows,
+                    "on_progress": on_progress})
+                spawned.append(coordinator)
+                result = await coordinator.ask(
+                    {"op": "run", "replicas": replicas, "slices": slices,
+                     "steps": per_replica, "warm_start_steps": algorithm.warm_start_steps},
+                    timeout=None)
+                flat = await coordinator.ask({"op": "params"})
         finally:
             self._live = None
             await self._stop(spawned)
             if shared is not None:
                 shared.close()
+        stopped, self._stop_requested = self._stop_requested, False
         return Run(
             history=result["history"], params=dict(layout.views(np.array(flat))),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
-            config={"mode": self.mode, "shards": self.shards, "replicas": self.replicas,
-                    "model": model.to_config(), "algorithm": algorithm.to_config(),
-                    "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
-                    "engine": engine, "shard_threads": shard_threads, "seed": seed,
-                    "data": data.name})
+            config={"placement": self.mode, "shards": self.shards, "replicas": self.replicas,
+                    "colocate": self.colocate, "model": model.to_config(),
+                    "algorithm": algorithm.to_config(), "optimizer": optimizer.to_config(),
+                    "epochs": epochs, "steps": steps, "seed": seed, "eval_every": eval_every,
+                    "eval_rows": eval_rows, "engine": engine, "shard_threads": shard_threads,
+                    "data": data.name, "features": data.n_features,
+                    "classes": data.n_classes, "rows": {
+                        "train": len(data.x_train), "validation": len(data.x_val),
+                        "test": len(data.x_test)}},
+            preprocessing=data.preprocessing, stopped=stopped)
+
+    async def stop_training(self) -> None:
+        """Ask the run in progress to end early: replicas stop at their next exchange
+        with a shard (within milliseconds unless rate limits hold them back), the final
+        evaluation is made as usual, and `train` returns a `Run` with `stopped` set. A
+        run that has not started yet stops as soon as it starts."""
+        self._stop_requested = True
+        if self._live is not None:
+            await self._tell_stop(self._live[1])
+
+    async def _tell_stop(self, shards: list[ActorRef]) -> None:
+        await asyncio.gather(*(stop_replicas(shard) for shard in shards),
+                             return_exceptions=True)
 
     async def parameters(self) -> dict[str, np.ndarray]:
         """The current parameters of the run in progress, fetched from its shards."""
@@ -277,3 +276,23 @@ class Cluster:
                     {"op": "stop", "name": ref.name}, timeout=10)
             except Exception:  # a node that died with its actors has nothing to stop
                 continue
+
+
+def check_fit(model: Model, data: Dataset) -> None:
+    """Refuse, before anything is spawned, a model that does not take the data's rows
+    or cannot output every class."""
+    sizes = getattr(model, "sizes", None)
+    if isinstance(sizes, list | tuple) and sizes:
+        if int(sizes[0]) != data.n_features:
+            raise ConfigError(f"{model} takes {sizes[0]} features, but {data.name} has "
+                              f"{data.n_features}")
+        if int(sizes[-1]) < data.n_classes:
+            raise ConfigError(f"{model} has {sizes[-1]} outputs, but {data.name} has "
+                              f"{data.n_classes} classes")
+    params = model.init_params(np.random.default_rng(0))
+    rows = min(2, len(data.x_train))
+    labels = np.full(rows, data.n_classes - 1, np.int64)
+    try:
+        model.loss_and_grad(params, data.x_train[:rows], labels)
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"{model} does not fit {data}: {exc}") from exc

@@ -33,6 +33,7 @@ class Coordinator(Actor):
 
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
+                 x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                  eval_every: float = 2.0, eval_rows: int = 2000,
                  on_progress: Progress | None = None) -> None:
         self.model = Model.from_config(model)
@@ -40,6 +41,11 @@ class Coordinator(Actor):
         self.shards = shards
         self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
         self.x_test, self.y_test = x_test, y_test
+        # evaluations during training use the validation rows; the test rows only the end
+        has_val = x_val is not None and y_val is not None and len(x_val) > 0
+        self.x_val = x_val if has_val else x_test
+        self.y_val = y_val if has_val else y_test
+        self.has_val = has_val
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress
@@ -58,11 +64,18 @@ class Coordinator(Actor):
         return await fetch_parameters(self.shards, self.bounds, self.layout.size)
 
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
+        """A history entry; `rows=None` is the final one, on every test row."""
         flat = await self.params()
         stats = await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))
         views = self.layout.views(flat)
-        n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
-        accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
+        if rows is None:
+            accuracy = {"val_accuracy": (self.model.accuracy(views, self.x_val, self.y_val)
+                                         if self.has_val else None),
+                        "test_accuracy": self.model.accuracy(views, self.x_test, self.y_test)}
+        else:
+            n = min(rows, len(self.x_val))
+            accuracy = {"val_accuracy": self.model.accuracy(views, self.x_val[:n],
+                                                            self.y_val[:n])}
         progress = stats[0]["progress"].values()
         examples = sum(int(p["examples"]) for p in progress)
         elapsed = time.perf_counter() - self._started
@@ -72,7 +85,7 @@ class Coordinator(Actor):
             "examples": examples,
             "examples_per_s": examples / elapsed if elapsed > 0 else 0.0,
             "loss": float(np.mean([p["loss"] for p in progress])) if progress else None,
-            "test_accuracy": accuracy,
+            **accuracy,
             "staleness_mean": (sum(s["staleness_mean"] * s["updates"] for s in stats)
                                / updates if updates else 0.0),
             "staleness_max": max(int(s["staleness_max"]) for s in stats),

@@ -133,6 +133,7 @@ class Replica(Actor):
         self._pending_steps = 0
         self._loss_sum = 0.0
         self._loss_steps = 0
+        self._stop = False  # a shard said the run is ending early
 
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
@@ -152,6 +153,8 @@ class Replica(Actor):
         order = np.arange(start, stop)
         position = len(order)
         for _ in range(steps):
+            if self._stop:
+                break
             if position + batch > len(order):
                 self.rng.shuffle(order)
                 position = 0
@@ -190,6 +193,7 @@ class Replica(Actor):
             lo, hi = self.bounds[i]
             self.params[lo:hi] = reply["values"]
             self.versions[i] = int(reply["version"])
+            self._stop = self._stop or bool(reply.get("stop"))
 
         await asyncio.gather(*(one(i) for i in range(len(self.shards))))
         self.counts["fetches"] += 1
@@ -220,7 +224,8 @@ class Replica(Actor):
             message = {"op": "push", "grad": buffer[lo:hi], "version": self.versions[i]}
             if i == 0:
                 message["progress"] = progress
-            await self.shards[i].ask(message)
+            reply = await self.shards[i].ask(message)
+            self._stop = self._stop or bool(reply.get("stop"))
 
         try:
             await asyncio.gather(*(one(i) for i in range(len(self.shards))))
@@ -231,7 +236,7 @@ class Replica(Actor):
     async def _flush(self) -> None:
         if self._pushing is not None:
             await self._pushing
-        if self._pending_steps:
+        if self._pending_steps and not self._stop:
             await self.push_limit.take(self.params.nbytes)
             self._start_push()
             assert self._pushing is not None

@@ -40,6 +40,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen: port {port} is out of range (0 to 65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -82,7 +84,10 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
                 ready: Callable[[str, int], None] | None = None) -> None:
     """Run a node until SIGINT or SIGTERM (or until it is closed)."""
     for module in imports:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"--import {module}: {exc}") from exc
     host, port = parse_listen(listen)
     node = Node(name or f"{socket.gethostname()}:{port}", allow_import=False)
     node.dialer = lambda url: dial(node, url, secret, dial_ssl)
@@ -95,8 +100,12 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
         log.info("node %s: %s connected", node.id, peer)
         node.connect(peer, channel)
 
-    runner = await ws.listen(host, port, secret, node.id, on_channel,
-                             ssl_context=ssl_context, max_frame_bytes=max_frame_bytes)
+    try:
+        runner = await ws.listen(host, port, secret, node.id, on_channel,
+                                 ssl_context=ssl_context, max_frame_bytes=max_frame_bytes)
+    except OSError as exc:
+        await node.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     bound = ws.bound_port(runner)
     scheme = "wss" if ssl_context else "ws"
     print(f"asyncdb serve: node {node.id} listening on {scheme}://{host}:{bound}", flush=True)

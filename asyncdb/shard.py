@@ -2,8 +2,9 @@
 applies pushed gradients in place with its update rule, and reports what it saw.
 
 Messages (dicts with an "op"):
-    fetch                     -> {"values", "version"}
-    push  grad, version       -> {"version", "staleness"}; UpdateRejected if bad
+    fetch                     -> {"values", "version", "stop"}
+    push  grad, version       -> {"version", "staleness", "stop"}; UpdateRejected if bad
+    stop                      -> None; from now on fetch and push replies say "stop"
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
     restore values, state, version
@@ -45,6 +46,7 @@ class ParameterShard(Actor):
         self.update_seconds = 0.0
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+        self.stopping = False  # the run is ending early: replicas finish when told
 
     async def on_stop(self) -> None:
         self.updater.close()
@@ -59,7 +61,10 @@ class ParameterShard(Actor):
             return result
         if op == "fetch":
             self.fetches += 1
-            return {"values": self.values, "version": self.version}
+            return {"values": self.values, "version": self.version, "stop": self.stopping}
+        if op == "stop":
+            self.stopping = True
+            return None
         if op == "stats":
             return self.stats()
         if op == "checkpoint":
@@ -82,7 +87,7 @@ class ParameterShard(Actor):
         self.version += 1
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
-        return {"version": self.version, "staleness": staleness}
+        return {"version": self.version, "staleness": staleness, "stop": self.stopping}
 
     def _check(self, grad: Any) -> None:
         problem = None
@@ -132,3 +137,8 @@ async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[in
 
     await asyncio.gather(*(one(s, lo, hi) for s, (lo, hi) in zip(shards, bounds, strict=True)))
     return flat
+
+
+async def stop_replicas(shard: ActorRef) -> None:
+    """Tell the replicas of the run `shard` belongs to, through its replies, to stop."""
+    await shard.ask({"op": "stop"}, timeout=10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import datasets
 from .actor import Actor, ActorRef
+from .checkpoint import CheckpointStore
 from .cluster import Cluster
 from .coordinator import Coordinator
 from .downpour import Downpour, Replica
@@ -16,6 +17,7 @@ from .errors import (
     AsyncDBError,
     AuthenticationError,
     ChannelClosed,
+    CheckpointError,
     ConfigError,
     DecodeError,
     EncodeError,
@@ -47,6 +49,8 @@ __all__ = [
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
+    "CheckpointError",
+    "CheckpointStore",
     "Cluster",
     "ConfigError",
     "Coordinator",

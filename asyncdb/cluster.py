@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
-import os
-import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -23,18 +20,16 @@ from threadpoolctl import threadpool_limits
 
 from asyncdb.models import Model
 from asyncdb.transport import ws
-from asyncdb.transport.shm import DEFAULT_RING_BYTES
 
 from .actor import ActorRef
 from .coordinator import Coordinator, Progress
-from .data import SharedArrays, inline_arrays
 from .datasets import Dataset
 from .downpour import Downpour, Replica
-from .engine import default_threads
 from .errors import ConfigError
 from .node import Node
 from .optim import Adagrad, UpdateRule
 from .params import ParameterLayout
+from .placement import InProcess, LocalProcesses, Placement, RemotePeers, split_rows
 from .process import LocalNodes
 from .runs import Run
 from .shard import ParameterShard, fetch_parameters, stop_replicas
@@ -43,65 +38,62 @@ from .shard import ParameterShard, fetch_parameters, stop_replicas
 class Cluster:
     """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
 
-    def __init__(self, mode: str, shards: int, replicas: int, *, colocate: bool = False,
-                 ring_bytes: int | None = None, ask_timeout: float | None = 120.0,
-                 peers: Sequence[str] = (), secret: bytes = b"",
-                 ssl_context: ssl.SSLContext | None = None,
-                 heartbeat: float = ws.DEFAULT_HEARTBEAT) -> None:
+    def __init__(self, placement: Placement, shards: int, replicas: int, *,
+                 ask_timeout: float | None = 120.0) -> None:
         if shards < 1 or replicas < 1:
             raise ConfigError("a cluster needs at least one shard and one replica")
-        self.mode = mode
-        self.colocate = colocate
-        self.peer_urls = list(peers)
-        self.peer_ids: list[str] = []
-        self.secret = secret
-        self.ssl_context = ssl_context
-        self.heartbeat = heartbeat
+        self.placement = placement
         self.shards = shards
         self.replicas = replicas
-        self.ring_bytes = ring_bytes
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
-        self.nodes: LocalNodes | None = None
         self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
         self._stop_requested = False
 
     @classmethod
-    def inproc(cls, shards: int = 1, replicas: int = 1, **options: Any) -> Cluster:
+    def inproc(cls, shards: int = 1, replicas: int = 1, *,
+               ask_timeout: float | None = 120.0) -> Cluster:
         """Every actor in the caller's event loop (embedding, tests)."""
-        return cls("inproc", shards, replicas, **options)
+        return cls(InProcess(), shards, replicas, ask_timeout=ask_timeout)
 
     @classmethod
-    def local(cls, shards: int = 2, replicas: int = 2, **options: Any) -> Cluster:
+    def local(cls, shards: int = 2, replicas: int = 2, *, colocate: bool = False,
+              ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> Cluster:
         """One node process per shard and per replica on this host, shm rings between;
         with `colocate=True`, one process per replica, shard i living in replica
         i % replicas's process (fewer processes than cores to share)."""
-        return cls("local", shards, replicas, **options)
+        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+                   ask_timeout=ask_timeout)
 
     @classmethod
     def connect(cls, peers: Sequence[str], secret: bytes | str, *, shards: int | None = None,
                 replicas: int | None = None, ssl_context: ssl.SSLContext | None = None,
-                **options: Any) -> Cluster:
+                heartbeat: float = ws.DEFAULT_HEARTBEAT,
+                ask_timeout: float | None = 120.0) -> Cluster:
         """Nodes on other hosts, started with `asyncdb serve`, reached over websockets
         (ws:// or wss://). Shards and replicas are spread over the peers in turn; each
         replica's slice of the training data is streamed to it from the driver."""
-        if not peers:
-            raise ConfigError("Cluster.connect needs at least one peer URL")
         key = secret.encode() if isinstance(secret, str) else secret
-        return cls("remote", shards or len(peers), replicas or len(peers), peers=peers,
-                   secret=key, ssl_context=ssl_context, **options)
+        placement = RemotePeers(peers, key, ssl_context=ssl_context, heartbeat=heartbeat)
+        return cls(placement, shards or len(peers), replicas or len(peers),
+                   ask_timeout=ask_timeout)
+
+    @property
+    def peer_ids(self) -> list[str]:
+        """The names of the connected `asyncdb serve` nodes (empty on this host)."""
+        placement = self.placement
+        return list(placement.peer_ids) if isinstance(placement, RemotePeers) else []
+
+    @property
+    def nodes(self) -> LocalNodes | None:
+        """The node processes on this host, if the placement started any."""
+        placement = self.placement
+        return placement.nodes if isinstance(placement, LocalProcesses) else None
 
     async def __aenter__(self) -> Cluster:
-        name = "driver" if self.mode != "remote" else f"driver-{socket.gethostname()}-{os.getpid()}"
-        self.node = Node(name, ask_timeout=self.ask_timeout)
+        self.node = Node(self.placement.driver_name(), ask_timeout=self.ask_timeout)
         try:
-            if self.mode == "remote":
-                await self._connect_peers()
-            elif self.mode == "local":
-                count = self.replicas if self.colocate else self.shards + self.replicas
-                self.nodes = LocalNodes(self.node, count, prefix="node",
-                                        ring_bytes=self.ring_bytes or DEFAULT_RING_BYTES)
-                await self.nodes.start()
+            await self.placement.start(self.node, self.shards, self.replicas)
         except BaseException:
             await self.close()
             raise
@@ -110,38 +102,10 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _connect_peers(self) -> None:
-        assert self.node is not None
-        for url in self.peer_urls:
-            channel = await ws.connect(url, self.secret, self.node.id,
-                                       ssl_context=self.ssl_context, heartbeat=self.heartbeat)
-            if channel.peer in self.peer_ids:
-                await channel.close()
-                raise ConfigError(f"two peer URLs reach the same node {channel.peer!r}")
-            self.node.connect(channel.peer, channel)
-            self.peer_ids.append(channel.peer)
-        for i, peer in enumerate(self.peer_ids):  # replicas talk to shards directly
-            for url in self.peer_urls[i + 1:]:
-                await self.node.ref(peer, "_system").ask({"op": "dial", "url": url})
-
     async def close(self) -> None:
-        if self.nodes is not None:
-            await self.nodes.close()
+        await self.placement.close()
         if self.node is not None:
             await self.node.close()
-
-    def _placement(self) -> tuple[list[str], list[str]]:
-        assert self.node is not None
-        if self.mode == "remote":
-            ids = self.peer_ids
-            return ([ids[i % len(ids)] for i in range(self.shards)],
-                    [ids[(self.shards + i) % len(ids)] for i in range(self.replicas)])
-        if self.nodes is None:
-            return [self.node.id] * self.shards, [self.node.id] * self.replicas
-        ids = self.nodes.ids
-        if self.colocate:
-            return [ids[i % self.replicas] for i in range(self.shards)], ids
-        return ids[: self.shards], ids[self.shards :]
 
     async def train(self, model: Model, data: Dataset, *,
                     algorithm: Downpour | None = None, optimizer: UpdateRule | None = None,
@@ -160,18 +124,15 @@ class Cluster:
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
         check_fit(model, data)
-        shard_nodes, replica_nodes = self._placement()
+        placement = self.placement
+        shard_nodes, replica_nodes = placement.place(self.shards, self.replicas)
         layout = ParameterLayout(model.param_shapes())
         bounds = layout.shard_bounds(self.shards)
         initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
         if shard_threads is None:
-            processes = self.replicas if self.colocate else self.shards + self.replicas
-            shard_threads = (default_threads() if self.mode == "inproc"
-                             else default_threads(processes) if self.mode == "local"
-                             else None)  # remote: the peer's own cores decide
+            shard_threads = placement.shard_threads(self.shards, self.replicas)
         n = len(data.x_train)
-        edges = [n * i // self.replicas for i in range(self.replicas + 1)]
-        slices = [[lo, hi] for lo, hi in itertools.pairwise(edges)]
+        slices = split_rows(n, self.replicas)
         if any(hi - lo < algorithm.batch_size for lo, hi in slices):
             raise ConfigError(f"{n} training rows cannot give each of {self.replicas} "
                               f"replicas a batch of {algorithm.batch_size}")
@@ -180,20 +141,13 @@ class Cluster:
                            for lo, hi in slices]
         else:
             per_replica = [math.ceil(steps / self.replicas)] * self.replicas
-        shared = None
-        if self.mode == "inproc":
-            specs = [inline_arrays({"x": data.x_train, "y": data.y_train})] * self.replicas
-        elif self.mode == "local":
-            shared = SharedArrays({"x": data.x_train, "y": data.y_train})
-            specs = [shared.spec] * self.replicas
-        else:  # each remote replica gets its own slice, streamed with its config
-            specs = [inline_arrays({"x": data.x_train[lo:hi], "y": data.y_train[lo:hi]})
-                     for lo, hi in slices]
-            slices = [[0, hi - lo] for lo, hi in slices]
+        rows = placement.training_data(data.x_train, data.y_train, slices)
+        specs, slices = rows.specs, rows.slices
         spawned: list[ActorRef] = []
         # in-process replicas compute in this process: one BLAS thread, as in node
         # processes, and only while the run lasts (the limit acts on the whole process)
-        blas = threadpool_limits(1) if self.mode == "inproc" else contextlib.nullcontext()
+        blas = (threadpool_limits(1) if isinstance(placement, InProcess)
+                else contextlib.nullcontext())
         try:
             with blas:
                 shards = []
@@ -230,22 +184,20 @@ class Cluster:
         finally:
             self._live = None
             await self._stop(spawned)
-            if shared is not None:
-                shared.close()
+            rows.close()
         stopped, self._stop_requested = self._stop_requested, False
         return Run(
             history=result["history"], params=dict(layout.views(np.array(flat))),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
-            config={"placement": self.mode, "shards": self.shards, "replicas": self.replicas,
-                    "colocate": self.colocate, "model": model.to_config(),
-                    "algorithm": algorithm.to_config(), "optimizer": optimizer.to_config(),
-                    "epochs": epochs, "steps": steps, "seed": seed, "eval_every": eval_every,
-                    "eval_rows": eval_rows, "engine": engine, "shard_threads": shard_threads,
-                    "data": data.name, "features": data.n_features,
-                    "classes": data.n_classes, "rows": {
-                        "train": len(data.x_train), "validation": len(data.x_val),
-                        "test": len(data.x_test)}},
+            config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
+                    "model": model.to_config(), "algorithm": algorithm.to_config(),
+                    "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
+                    "seed": seed, "eval_every": eval_every, "eval_rows": eval_rows,
+                    "engine": engine, "shard_threads": shard_threads, "data": data.name,
+                    "features": data.n_features, "classes": data.n_classes,
+                    "rows": {"train": len(data.x_train), "validation": len(data.x_val),
+                             "test": len(data.x_test)}},
             preprocessing=data.preprocessing, stopped=stopped)
 
     async def stop_training(self) -> None:

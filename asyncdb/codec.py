@@ -4,6 +4,10 @@ A message is plain data: None, bool, int, float, str, lists, tuples (they arrive
 lists), dicts with str keys, numpy arrays, bytes and `ActorRef`s, nested freely.
 The frame's metadata is JSON; arrays are replaced in it by {"__nd__": i} and travel as
 the frame's raw buffers; refs become {"__ref__": [node, name]}. Nothing is pickled.
+
+Those placeholder keys are reserved: a dict holding one of them, or a key that is not a
+str (JSON would turn it into one silently), is refused with EncodeError, so whatever
+encodes decodes to the same message.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ KINDS = {TELL: "tell", ASK: "ask", REPLY: "reply", FAIL: "fail", HELLO: "hello"}
 # Metadata arity per kind: header fields plus the body.
 _ARITY = {TELL: 2, ASK: 3, REPLY: 2, FAIL: 2, HELLO: 2}
 SPECIAL = 1  # frame flag: the metadata holds array, bytes or ref placeholders
+RESERVED = frozenset({"__nd__", "__bytes__", "__ref__"})
+_CONTAINERS = (dict, list, tuple)
 
 class _Codec(threading.local):
     """Per-thread JSON encoder and decoder, built once: json.dumps and json.loads
@@ -79,6 +85,8 @@ def encode_message(kind: int, header: list[Any], body: Any) -> OutFrame:
     """One frame carrying `header + [body]`; raises EncodeError for what cannot travel."""
     codec = _codec
     doc = [*header, body]
+    if isinstance(body, _CONTAINERS):
+        _check_keys(body)
     arrays: list[np.ndarray] = []
     try:
         meta = codec.plain(doc).encode()
@@ -122,6 +130,23 @@ def decode_message(frame: Frame, make_ref: Callable[[str, str], Any]) -> list[An
     if not isinstance(meta, list) or len(meta) != arity:
         raise DecodeError(f"{KINDS[frame.kind]} metadata must be a list of {arity} items")
     return meta
+
+
+def _check_keys(obj: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> None:
+    """Refuse dict keys that would not come back as sent: non-str keys and the
+    reserved placeholder keys."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise EncodeError(f"dict keys must be str, got {type(key).__name__} {key!r}")
+            if key in RESERVED:
+                raise EncodeError(f"dict key {key!r} is reserved for the codec")
+            if isinstance(value, _CONTAINERS):
+                _check_keys(value)
+    else:
+        for value in obj:
+            if isinstance(value, _CONTAINERS):
+                _check_keys(value)
 
 
 def own_arrays(obj: Any) -> Any:

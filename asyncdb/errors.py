@@ -20,6 +20,7 @@ __all__ = [
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
+    "CheckpointError",
     "ConfigError",
     "DecodeError",
     "EncodeError",
@@ -72,6 +73,11 @@ class UpdateRejected(AsyncDBError, ValueError):
 class ConfigError(AsyncDBError, ValueError):
     """Raised for a configuration that cannot work: an unknown actor type, an invalid
     option, a layout that does not match the model."""
+
+
+class CheckpointError(AsyncDBError):
+    """Raised when a checkpoint cannot be written or read back: a file that is missing,
+    truncated or fails its checksum (an older checkpoint is used where there is one)."""
 
 
 def _typed_errors() -> dict[str, type[AsyncDBError]]:

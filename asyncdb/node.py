@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import socket
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -238,13 +240,16 @@ class Node:
     # -- channels ---------------------------------------------------------------
 
     def connect(self, peer: str, channel: Channel, info: Any = None) -> None:
-        """Route refs on node `peer` through `channel`, and say hello on it."""
+        """Route refs on node `peer` through `channel`, and say hello on it (with this
+        process's pid and host unless `info` says otherwise)."""
         if peer in self._channels:
             raise ConfigError(f"node {self.id} already has a channel to {peer}")
         self._channels[peer] = channel
         self._hello.setdefault(peer, self.loop.create_future())
         self._readers[peer] = self.loop.create_task(self._read(peer, channel),
                                                     name=f"read:{self.id}<-{peer}")
+        if info is None:
+            info = {"pid": os.getpid(), "host": socket.gethostname()}
         frame = codec.encode_message(codec.HELLO, [self.id], info)
         self.background(self._send_quietly(peer, frame))
 

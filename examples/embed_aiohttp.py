@@ -37,26 +37,39 @@ async def predict(request: web.Request) -> web.Response:
     model: MLP = request.app[STATE]["model"]
     if rows.ndim != 2 or rows.shape[1] != model.sizes[0]:
         raise web.HTTPBadRequest(text=f"rows must be a list of {model.sizes[0]}-vectors")
-    cluster = request.app[CLUSTER]
     state = request.app[STATE]
-    params = await cluster.parameters() if state["training"] else state["final"]
+    params = None
+    if state["training"]:
+        try:
+            params = await request.app[CLUSTER].parameters()
+        except asyncdb.AsyncDBError:  # the run is ending: its shards are stopping
+            await state["ended"].wait()
+    if params is None:
+        params = state["final"]
+    if params is None:
+        raise web.HTTPServiceUnavailable(text="training failed; no parameters to serve")
     return web.json_response({"classes": model.predict(params, rows).tolist(),
                               "training": state["training"]})
 
 
 async def training(app: web.Application, epochs: float) -> None:
     state = app[STATE]
-    run = await app[CLUSTER].train(
-        state["model"], state["data"], algorithm=asyncdb.Downpour(batch_size=32),
-        optimizer=asyncdb.Adagrad(lr=0.05), epochs=epochs, eval_every=0.2,
-        on_progress=lambda entry: state.update(latest=entry))
-    state.update(training=False, final=run.params, latest=run.final)
+    try:
+        run = await app[CLUSTER].train(
+            state["model"], state["data"], algorithm=asyncdb.Downpour(batch_size=32),
+            optimizer=asyncdb.Adagrad(lr=0.05), epochs=epochs, eval_every=0.2,
+            on_progress=lambda entry: state.update(latest=entry))
+        state.update(final=run.params, latest=run.final)
+    finally:
+        state["training"] = False
+        state["ended"].set()
 
 
 def make_app(epochs: float = 200, replicas: int = 1, shards: int = 1) -> web.Application:
     app = web.Application()
     data = asyncdb.datasets.load("digits")
-    app[STATE] = {"training": True, "latest": None, "final": None, "data": data,
+    app[STATE] = {"training": True, "ended": asyncio.Event(), "latest": None,
+                  "final": None, "data": data,
                   "model": MLP([data.n_features, 128, data.n_classes])}
     app[CLUSTER] = asyncdb.Cluster.local(shards=shards, replicas=replicas)
 

@@ -4,12 +4,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def asyncdb_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asyncdb", *args], capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_train_with_defaults_writes_history(tmp_path):
     history = tmp_path / "history.json"
     out = asyncdb_cli("train", "--epochs", "8", "--history", str(history))

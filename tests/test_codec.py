@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from asyncdb import codec
 from asyncdb.errors import DecodeError, EncodeError
@@ -67,3 +72,117 @@ def test_own_arrays_copies_every_array():
     got = codec.own_arrays({"a": [arr, {"b": arr}], "c": 1})
     assert got["a"][0] is not arr and not np.shares_memory(got["a"][1]["b"], arr)
     np.testing.assert_array_equal(got["a"][0], arr)
+
+
+RESERVED_TRAPS = [
+    {"__nd__": 0}, {"__bytes__": 0}, {"__ref__": ["n", "a"]}, {"x": [{"__nd__": 0}]},
+]
+
+
+@pytest.mark.parametrize("trap", RESERVED_TRAPS)
+@pytest.mark.parametrize("with_array", [False, True])
+def test_reserved_keys_are_refused_not_misread(trap, with_array):
+    body = {"user": trap, "grad": np.ones(2, np.float32) if with_array else None}
+    with pytest.raises(EncodeError, match="reserved"):
+        codec.encode_message(codec.TELL, ["a"], body)
+
+
+@pytest.mark.parametrize("key", [1, 2.5, None, True, ("a", 1)])
+def test_non_string_keys_are_refused(key):
+    with pytest.raises(EncodeError, match="keys must be str"):
+        codec.encode_message(codec.TELL, ["a"], {"outer": [{key: 1}]})
+
+
+# -- property-based round trips ---------------------------------------------------
+
+_keys = st.text(max_size=12).filter(lambda k: k not in codec.RESERVED)
+_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+            | st.floats(allow_nan=False) | st.text(max_size=20))
+_arrays = hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64, np.uint8, np.bool_]),
+                     hnp.array_shapes(min_dims=0, max_dims=3, max_side=4))
+_leaves = _scalars | _arrays | st.binary(max_size=16) | st.builds(FakeRef)
+
+
+def _plain_data(leaves):
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
+                        | st.tuples(inner, inner)
+                        | st.dictionaries(_keys, inner, max_size=4), max_leaves=20)
+
+
+def _expected(obj):
+    """What a message looks like after the trip: tuples arrive as lists, refs as
+    whatever make_ref builds."""
+    if isinstance(obj, list | tuple):
+        return [_expected(item) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _expected(value) for key, value in obj.items()}
+    if isinstance(obj, FakeRef):
+        return ("ref", "n1", "shard-0")
+    return obj
+
+
+def _assert_same(got, want):
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_same(g, w)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys()
+        for key in want:
+            _assert_same(got[key], want[key])
+    else:
+        assert type(got) is type(want) and got == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain_data(_scalars))
+def test_plain_data_round_trips_exactly(body):
+    _assert_same(round_trip(codec.TELL, ["actor"], body)[1], _expected(body))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain_data(_leaves), st.integers(0, 2**53))
+def test_nested_arrays_bytes_and_refs_round_trip_exactly(body, ask_id):
+    name, got_id, got = round_trip(codec.ASK, ["actor", ask_id], body)
+    assert (name, got_id) == ("actor", ask_id)
+    _assert_same(got, _expected(body))
+
+
+# -- fuzzing the decoder ------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["__nd__", "__bytes__", "__ref__", "op", "a"]) | st.text(max_size=4),
+        inner, max_size=3),
+    max_leaves=12)
+
+
+def _decode_only_raises_decode_error(kind, meta, flags, arrays):
+    frame = parse_frame(encode_frame(kind, meta, arrays, flags).to_bytes())
+    try:
+        meta_list = codec.decode_message(frame, lambda node, name: ("ref", node, name))
+    except DecodeError:
+        return None
+    assert isinstance(meta_list, list)
+    return meta_list
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 9), st.binary(max_size=64), st.sampled_from([0, codec.SPECIAL]))
+def test_fuzz_decode_message_random_metadata(kind, meta, flags):
+    _decode_only_raises_decode_error(kind, meta, flags, [np.arange(3, dtype=np.int32)])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(codec.KINDS)), st.lists(_json_values, max_size=4),
+       st.sampled_from([0, codec.SPECIAL]))
+def test_fuzz_decode_message_structured_metadata(kind, items, flags):
+    meta = json.dumps(items).encode()
+    got = _decode_only_raises_decode_error(kind, meta, flags, [np.arange(3, dtype=np.int32)])
+    if got is not None:
+        assert len(got) == len(items)  # whatever decodes keeps the frame's shape

@@ -89,6 +89,7 @@ async def test_warm_start_trains_one_replica_first(digits):
     assert run.final["test_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 async def test_a_lost_replica_does_not_stop_training():
     data = asyncdb.datasets.load("teacher", n=20_000, features=64, test=500)
     model = MLP([64, 64, 10])

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import numpy as np
@@ -121,26 +120,78 @@ def test_oversized_frame_is_refused_before_buffering():
         decoder.feed(b"more")
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=400))
-def test_fuzz_random_bytes_only_ever_raise_decode_error(data):
+def _feed_in_chunks(data: bytes, cuts: list[int]) -> list:
+    """Feed `data` to a fresh FrameDecoder split at `cuts`; frames out, or DecodeError."""
     decoder = FrameDecoder(max_frame_bytes=1 << 16)
-    with contextlib.suppress(DecodeError):
-        decoder.feed(data)
-    with contextlib.suppress(DecodeError):
-        parse_frame(data)
+    frames, last = [], 0
+    for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
+        frames += decoder.feed(data[last:cut])
+        last = max(last, cut)
+    return frames
+
+
+def _same_frame(a, b) -> None:
+    assert (a.kind, a.flags, a.meta) == (b.kind, b.flags, b.meta)
+    assert len(a.arrays) == len(b.arrays)
+    for x, y in zip(a.arrays, b.arrays, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def _parse_and_decoder_agree(data: bytes, cuts: list[int]) -> None:
+    """The whole-frame parser and the incremental decoder, fed the same bytes in
+    pieces, agree: both give the same frame, or both refuse it (the decoder may also
+    still be waiting for the rest). Nothing but DecodeError ever escapes."""
+    try:
+        want = parse_frame(data, 1 << 16)
+    except DecodeError:
+        want = None
+    try:
+        got = _feed_in_chunks(data, cuts)
+    except DecodeError:
+        got = None
+    if want is None:
+        assert not got  # refused, or still waiting for bytes that never come
+        return
+    assert got is not None and len(got) == 1
+    _same_frame(got[0], want)
+    for arr in got[0].arrays:
+        with np.errstate(all="ignore"):  # mutated bytes may well be NaN
+            arr.sum()  # whatever parses must be readable without a crash
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.integers(0, 10_000), st.integers(0, 255), st.integers(1, 3))
-def test_fuzz_mutated_valid_frames(position, value, cut):
+@given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=4))
+def test_fuzz_random_bytes_only_ever_raise_decode_error(data, cuts):
+    _parse_and_decoder_agree(data, cuts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 255), st.integers(0, 3), st.integers(0, 4), st.integers(0, 400),
+       st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=4))
+def test_fuzz_random_bytes_behind_a_valid_header_prefix(kind, flags, n_arrays, meta_len,
+                                                        rest, cuts):
+    """Random bodies behind a header that passes the magic and version checks, so the
+    fuzz reaches the table, metadata and buffer checks."""
+    total = HEADER.size + len(rest)
+    data = header(kind, flags, n_arrays, min(meta_len, len(rest)), total) + rest
+    _parse_and_decoder_agree(data, cuts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1,
+                max_size=3),
+       st.integers(1, 3), st.lists(st.integers(0, 10_000), max_size=4))
+def test_fuzz_mutated_valid_frames(mutations, cut, cuts):
     data = bytearray(encode_frame(4, b'{"a":[1,2]}', sample_arrays()[:3]).to_bytes())
-    data[position % len(data)] = value
+    for position, value in mutations:
+        data[position % len(data)] = value
     for candidate in (bytes(data), bytes(data[: len(data) // cut])):
-        try:
-            frame = parse_frame(candidate)
-        except DecodeError:
-            continue
-        for arr in frame.arrays:
-            with np.errstate(all="ignore"):  # mutated bytes may well be NaN
-                arr.sum()  # whatever parses must be readable without a crash
+        _parse_and_decoder_agree(candidate, cuts)
+
+
+def test_unmutated_frames_pass_the_agreement_check():
+    data = encode_frame(4, b'{"a":[1,2]}', sample_arrays()[:3]).to_bytes()
+    frames = _feed_in_chunks(data, [1, 7, 50, 200])
+    assert len(frames) == 1
+    _same_frame(frames[0], parse_frame(data))

@@ -119,7 +119,7 @@ class OutFrame:
 
     def write_into(self, dest: memoryview) -> None:
         """Copy the whole frame into dest, which must hold at least `nbytes`."""
-        if len(self.segments) == 1:
+        if len(self.segments) == 1 and len(self.segments[0][1]) == self.nbytes:
             dest[: self.nbytes] = self.segments[0][1]
         else:
             self.copy_range(0, self.nbytes, dest)
@@ -150,7 +150,7 @@ class OutFrame:
             yield bytes(pending)
 
     def to_bytes(self) -> bytes:
-        if len(self.segments) == 1:
+        if len(self.segments) == 1 and len(self.segments[0][1]) == self.nbytes:
             return bytes(self.segments[0][1])
         buf = bytearray(self.nbytes)
         self.write_into(memoryview(buf))

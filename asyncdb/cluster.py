@@ -13,7 +13,6 @@ import contextlib
 import math
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits

@@ -42,10 +42,9 @@ class Coordinator(Actor):
         self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
         self.x_test, self.y_test = x_test, y_test
         # evaluations during training use the validation rows; the test rows only the end
-        has_val = x_val is not None and y_val is not None and len(x_val) > 0
-        self.x_val = x_val if has_val else x_test
-        self.y_val = y_val if has_val else y_test
-        self.has_val = has_val
+        self.has_val = x_val is not None and y_val is not None and len(x_val) > 0
+        self.x_val: np.ndarray = x_val if x_val is not None and self.has_val else x_test
+        self.y_val: np.ndarray = y_val if y_val is not None and self.has_val else y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress

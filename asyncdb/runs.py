@@ -120,7 +120,8 @@ def save_run(run: Run, directory: str | Path) -> Path:
     version = _version()
     run.save_history(directory / "history.json")
     tmp = directory / ".params.tmp.npz"
-    np.savez(tmp, **run.params)
+    savez: Any = np.savez  # numpy's stub types **arrays as its keyword options
+    savez(tmp, **run.params)
     os.replace(tmp, directory / "params.npz")
     config = run.config
     _write_json(directory / "model.json", {
@@ -189,7 +190,7 @@ def load(directory: str | Path) -> SavedModel:
     directory = Path(directory)
     try:
         meta = json.loads((directory / "model.json").read_text())
-        with np.load(directory / "params.npz", allow_pickle=False) as raw:
+        with (directory / "params.npz").open("rb") as f, np.load(f, allow_pickle=False) as raw:
             params = {key: raw[key] for key in raw.files}
     except FileNotFoundError as exc:
         raise ConfigError(f"{directory} is not a saved run: {exc.filename} is missing") from None

@@ -285,7 +285,7 @@ def _check_rates(console: Console, run: Run, ceiling: float | None,
         return  # no limits: updates are as many as pushes
     steps = sum(int(r.get("steps", 0)) for r in run.replicas.values())
     updates = int(run.final["updates"]) / max(1, len(run.shards))
-    if steps and updates < 0.05 * steps / algorithm.n_push:
+    if steps and updates < 0.25 * steps / algorithm.n_push:
         console.warn(f"the rate limits let through {updates:.0f} updates per shard in "
                      f"{run.seconds:.1f} s ({updates / max(run.seconds, 1e-9):.2f} updates/s) "
                      f"for {steps} steps: the model barely trained")

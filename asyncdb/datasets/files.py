@@ -37,7 +37,7 @@ def read_features(path: str | Path, label: str = "label") -> np.ndarray:
 
 def _read_npz(path: Path, labels: bool) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as raw:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as raw:
             found = {key: raw[key] for key in raw.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{path}: not a readable .npz file: {exc}") from None

@@ -93,7 +93,7 @@ def _generate(total: int, features: int, classes: int, latent: int, hidden: int,
 
 def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     try:
-        with np.load(path, allow_pickle=False) as raw:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as raw:
             return raw["x"], raw["y"]
     except FileNotFoundError:
         return None

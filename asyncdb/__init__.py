@@ -34,6 +34,7 @@ from .process import LocalNodes
 from .registry import register_actor
 from .runs import Run, SavedModel, load
 from .shard import ParameterShard
+from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
 from .transport import shared
 
@@ -67,6 +68,8 @@ __all__ = [
     "Replica",
     "Run",
     "SavedModel",
+    "ShardCheckpoint",
+    "ShardClient",
     "Supervisor",
     "Timeout",
     "UpdateRejected",

@@ -23,7 +23,10 @@ log = logging.getLogger("asyncdb.actor")
 # Who waits for the answer: nobody (tell), a local future, or (peer node, ask id).
 Reply = None | asyncio.Future[Any] | tuple[str, int]
 
-MAILBOX_HIGH = 4096  # a channel stops reading for an actor with this many queued
+# Same-node senders wait while an actor has this many messages queued; each peer node
+# may have this many in flight to one actor (its credit window, granted back in
+# batches as the actor takes them), so a full mailbox never stalls a whole link.
+MAILBOX_HIGH = 4096
 
 
 class Actor:
@@ -104,7 +107,8 @@ class Cell:
         self.policy = policy
         self.ref = ActorRef(node, node.id, name)
         self.actor = self._build()
-        self.mailbox: deque[tuple[Any, Reply]] = deque()
+        # (message, who waits for the answer, the peer node whose credit it used)
+        self.mailbox: deque[tuple[Any, Reply, str | None]] = deque()
         self.alive = True
         self.stopping = False
         self.processed = 0
@@ -119,19 +123,28 @@ class Cell:
         actor.ref = self.ref
         return actor
 
-    def put(self, message: Any, reply: Reply) -> None:
+    def put(self, message: Any, reply: Reply, origin: str | None = None) -> None:
         if not self.alive or self.stopping:
             raise ActorDead(f"actor {self.name} on node {self.node.id} is stopped")
-        self.mailbox.append((message, reply))
+        self.mailbox.append((message, reply, origin))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    @property
+    def full(self) -> bool:
+        return len(self.mailbox) >= MAILBOX_HIGH
+
     async def room(self) -> None:
-        """Wait until the mailbox has drained below its high-water mark."""
-        while self.alive and len(self.mailbox) >= MAILBOX_HIGH:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
+        """Wait until the mailbox has drained below its high-water mark (at once for
+        the actor itself, which would otherwise wait on its own mailbox)."""
+        while self.alive and not self.stopping and self.full:
+            if asyncio.current_task() is self.task:
+                return
+            room = self._room
+            if room is None or room.done():
+                room = self._room = asyncio.get_running_loop().create_future()
+            await room
 
     def stop(self) -> None:
         self.stopping = True
@@ -141,6 +154,7 @@ class Cell:
 
     async def run(self) -> None:
         node, loop = self.node, asyncio.get_running_loop()
+        running = False
         try:
             try:
                 await self.actor.on_start()
@@ -148,13 +162,16 @@ class Cell:
                 self.started.set_exception(exc)
                 raise
             self.started.set_result(None)
+            running = True
             while not self.stopping:
                 if not self.mailbox:
                     self._waiter = loop.create_future()
                     await self._waiter
                     self._waiter = None
                     continue
-                message, reply = self.mailbox.popleft()
+                message, reply, origin = self.mailbox.popleft()
+                if origin is not None:
+                    node.consumed(origin, self.name)
                 room = self._room
                 if room is not None and len(self.mailbox) < MAILBOX_HIGH // 2:
                     self._room = None
@@ -174,7 +191,8 @@ class Cell:
                     result = None
                 message = None  # drop in-place arrays before waiting for the next one
         except Exception as exc:
-            log.error("actor %s failed to start: %r", self.name, exc)
+            where = "failed" if running else "failed to start"
+            log.error("actor %s %s: %r", self.name, where, exc)
         finally:
             await self._finish()
 
@@ -206,7 +224,9 @@ class Cell:
             log.error("actor %s: on_stop raised %r", self.name, exc)
         dead = ActorDead(f"actor {self.name} on node {self.node.id} stopped")
         while self.mailbox:
-            _message, reply = self.mailbox.popleft()
+            _message, reply, origin = self.mailbox.popleft()
+            if origin is not None:
+                self.node.consumed(origin, self.name)
             if reply is not None:
                 await self.node.answer_error(reply, dead, self.name)
         if self._room is not None and not self._room.done():

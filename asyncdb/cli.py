@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .errors import AsyncDBError
+from .errors import AsyncDBError, ConfigError
 from .loop import run
 
 
@@ -93,11 +93,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .serve import client_ssl, read_secret, serve, server_ssl
+    from .system import PeerPolicy
 
+    for flag in ("max_params", "max_data_bytes", "max_actors", "max_frame_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    peers = tuple(u.strip() for u in (args.peers or "").split(",") if u.strip())
+    policy = PeerPolicy(max_params=args.max_params, max_data_bytes=args.max_data_bytes,
+                        max_actors=args.max_actors, allow_shutdown=args.allow_remote_shutdown,
+                        dial=peers)
     run(serve(args.listen, read_secret(args.secret_file), name=args.name,
               ssl_context=server_ssl(args.cert, args.key),
               dial_ssl=client_ssl(args.ca, args.insecure), imports=tuple(args.imports),
-              max_frame_bytes=args.max_frame_bytes))
+              max_frame_bytes=args.max_frame_bytes, policy=policy))
     return 0
 
 
@@ -141,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="MODULE", help="import a module that registers actor types")
     serve.add_argument("--max-frame-bytes", type=int, default=1 << 30,
                        help="largest frame a peer may send (default 1 GiB)")
+    serve.add_argument("--peers", metavar="URLS",
+                       help="comma-separated URLs (ws://host:port, or a bare host for any "
+                            "port) of the other nodes of this cluster: the only ones this "
+                            "node dials when a driver asks it to (default: none)")
+    serve.add_argument("--max-params", type=int, default=1 << 26,
+                       help="largest model or shard slice, in parameters, a peer may ask "
+                            "for (default 2**26, about 1 GiB of replica buffers)")
+    serve.add_argument("--max-data-bytes", type=int, default=1 << 30,
+                       help="largest data a peer may send with one actor, or make it "
+                            "allocate for batches (default 1 GiB)")
+    serve.add_argument("--max-actors", type=int, default=64,
+                       help="most actors one connection may own at once (default 64)")
+    serve.add_argument("--allow-remote-shutdown", action="store_true",
+                       help="let authenticated peers shut this node down (default: only "
+                            "SIGINT or SIGTERM here)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour"])

@@ -8,11 +8,11 @@ one node process per shard and per replica on this host, linked by shared-memory
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -25,57 +25,69 @@ from .coordinator import Coordinator, Progress
 from .datasets import Dataset
 from .downpour import Downpour, Replica
 from .errors import ConfigError
+from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import Adagrad, UpdateRule
-from .params import ParameterLayout
+from .params import Layout, PartitionedLayout, layout_of
 from .placement import InProcess, LocalProcesses, Placement, RemotePeers, split_rows
 from .process import LocalNodes
 from .runs import Run
-from .shard import ParameterShard, fetch_parameters, stop_replicas
+from .shard import ParameterShard, fetch_parameters
+from .shard_client import ShardClient
 
 
 class Cluster:
     """Where shards and replicas run. Use `async with Cluster.local(...) as cluster:`."""
 
     def __init__(self, placement: Placement, shards: int, replicas: int, *,
-                 ask_timeout: float | None = 120.0) -> None:
-        if shards < 1 or replicas < 1:
-            raise ConfigError("a cluster needs at least one shard and one replica")
+                 partitions: int = 1, ask_timeout: float | None = 120.0) -> None:
+        if shards < 1 or replicas < 1 or partitions < 1:
+            raise ConfigError("a cluster needs at least one shard, one replica and one "
+                              "partition per replica")
+        if shards < partitions:
+            raise ConfigError(f"{shards} shards for {partitions} partitions: each partition "
+                              "needs shards of its own (at least one shard per partition)")
         self.placement = placement
         self.shards = shards
         self.replicas = replicas
+        self.partitions = partitions
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
-        self._live: tuple[ParameterLayout, list[ActorRef], list[tuple[int, int]]] | None = None
         self._stop_requested = False
+        self._live: tuple[Layout, list[ActorRef], list[tuple[int, int]]] | None = None
 
     @classmethod
-    def inproc(cls, shards: int = 1, replicas: int = 1, *,
+    def inproc(cls, shards: int = 1, replicas: int = 1, *, partitions: int = 1,
                ask_timeout: float | None = 120.0) -> Cluster:
         """Every actor in the caller's event loop (embedding, tests)."""
-        return cls(InProcess(), shards, replicas, ask_timeout=ask_timeout)
-
-    @classmethod
-    def local(cls, shards: int = 2, replicas: int = 2, *, colocate: bool = False,
-              ring_bytes: int | None = None, ask_timeout: float | None = 120.0) -> Cluster:
-        """One node process per shard and per replica on this host, shm rings between;
-        with `colocate=True`, one process per replica, shard i living in replica
-        i % replicas's process (fewer processes than cores to share)."""
-        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+        return cls(InProcess(), shards, replicas, partitions=partitions,
                    ask_timeout=ask_timeout)
 
     @classmethod
+    def local(cls, shards: int = 2, replicas: int = 2, *, partitions: int = 1,
+              colocate: bool = False, ring_bytes: int | None = None,
+              ask_timeout: float | None = 120.0) -> Cluster:
+        """One node process per shard and per replica on this host, shm rings between
+        (with `partitions`, one process per partition of each replica); with
+        `colocate=True`, no shard processes: shard i lives in the i-th replica (or
+        partition) process, round robin (fewer processes than cores to share)."""
+        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+                   partitions=partitions, ask_timeout=ask_timeout)
+
+    @classmethod
     def connect(cls, peers: Sequence[str], secret: bytes | str, *, shards: int | None = None,
-                replicas: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                replicas: int | None = None, partitions: int = 1,
+                ssl_context: ssl.SSLContext | None = None,
                 heartbeat: float = ws.DEFAULT_HEARTBEAT,
                 ask_timeout: float | None = 120.0) -> Cluster:
         """Nodes on other hosts, started with `asyncdb serve`, reached over websockets
         (ws:// or wss://). Shards and replicas are spread over the peers in turn; each
-        replica's slice of the training data is streamed to it from the driver."""
+        replica's slice of the training data is streamed to it from the driver. A
+        replica's partitions go to consecutive peers in turn, like replicas."""
         key = secret.encode() if isinstance(secret, str) else secret
         placement = RemotePeers(peers, key, ssl_context=ssl_context, heartbeat=heartbeat)
-        return cls(placement, shards or len(peers), replicas or len(peers),
-                   ask_timeout=ask_timeout)
+        return cls(placement, shards or max(len(peers), partitions),
+                   replicas or len(peers), partitions=partitions, ask_timeout=ask_timeout)
 
     @property
     def peer_ids(self) -> list[str]:
@@ -89,10 +101,15 @@ class Cluster:
         placement = self.placement
         return placement.nodes if isinstance(placement, LocalProcesses) else None
 
+    @property
+    def slots(self) -> int:
+        """Replica processes (or peers' turns): one per partition of each replica."""
+        return self.replicas * self.partitions
+
     async def __aenter__(self) -> Cluster:
         self.node = Node(self.placement.driver_name(), ask_timeout=self.ask_timeout)
         try:
-            await self.placement.start(self.node, self.shards, self.replicas)
+            await self.placement.start(self.node, self.shards, self.slots)
         except BaseException:
             await self.close()
             raise
@@ -124,12 +141,12 @@ class Cluster:
         optimizer = optimizer or Adagrad()
         check_fit(model, data)
         placement = self.placement
-        shard_nodes, replica_nodes = placement.place(self.shards, self.replicas)
-        layout = ParameterLayout(model.param_shapes())
+        shard_nodes, slot_nodes = placement.place(self.shards, self.slots)
+        layout = layout_of(model, self.partitions)
         bounds = layout.shard_bounds(self.shards)
         initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
         if shard_threads is None:
-            shard_threads = placement.shard_threads(self.shards, self.replicas)
+            shard_threads = placement.shard_threads(self.shards, self.slots)
         n = len(data.x_train)
         slices = split_rows(n, self.replicas)
         if any(hi - lo < algorithm.batch_size for lo, hi in slices):
@@ -159,21 +176,16 @@ class Cluster:
                 spawned += shards
                 self._live = (layout, shards, bounds)
                 if self._stop_requested:
-                    await self._tell_stop(shards)
-                replicas = []
-                for i in range(self.replicas):
-                    ref = await node.spawn(Replica, node=replica_nodes[i], config={
-                        "index": i, "model": model.to_config(), "shards": shards,
-                        "bounds": [list(b) for b in bounds], "data": specs[i],
-                        "algorithm": algorithm.to_config(), "seed": seed})
-                    replicas.append(ref)
-                spawned += replicas
+                    await ShardClient(shards, bounds).stop()
+                config = {"algorithm": algorithm.to_config(), "seed": seed}
+                replicas = await self._spawn_replicas(model, layout, slot_nodes, shards,
+                                                      bounds, specs, config, spawned)
                 coordinator = await node.spawn(Coordinator, config={
                     "model": model.to_config(), "shards": shards,
                     "bounds": [list(b) for b in bounds], "x_test": data.x_test,
                     "y_test": data.y_test, "x_val": data.x_val, "y_val": data.y_val,
                     "eval_every": eval_every, "eval_rows": eval_rows,
-                    "on_progress": on_progress})
+                    "on_progress": on_progress, "partitions": self.partitions})
                 spawned.append(coordinator)
                 result = await coordinator.ask(
                     {"op": "run", "replicas": replicas, "slices": slices,
@@ -186,10 +198,11 @@ class Cluster:
             rows.close()
         stopped, self._stop_requested = self._stop_requested, False
         return Run(
-            history=result["history"], params=dict(layout.views(np.array(flat))),
+            history=result["history"], params=dict(layout.tensors(np.array(flat))),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
+                    "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
                     "seed": seed, "eval_every": eval_every, "eval_rows": eval_rows,
@@ -199,6 +212,29 @@ class Cluster:
                              "test": len(data.x_test)}},
             preprocessing=data.preprocessing, stopped=stopped)
 
+    async def _spawn_replicas(self, model: Model, layout: Layout, slot_nodes: list[str],
+                              shards: list[ActorRef], bounds: list[tuple[int, int]],
+                              specs: list[dict[str, Any]], config: dict[str, Any],
+                              spawned: list[ActorRef]) -> list[ActorRef]:
+        """Each replica (one actor, or one per partition), every actor added to
+        `spawned` as soon as it exists."""
+        assert self.node is not None
+        replicas = []
+        for i in range(self.replicas):
+            common = {**config, "data": specs[i]}
+            nodes = slot_nodes[i * self.partitions:(i + 1) * self.partitions]
+            if isinstance(layout, PartitionedLayout):
+                ref, refs = await spawn_partitioned_replica(
+                    self.node, i, model, nodes, shards, bounds, layout.block_bounds, common)
+                spawned += refs
+            else:
+                ref = await self.node.spawn(Replica, node=nodes[0], config={
+                    **common, "index": i, "model": model.to_config(), "shards": shards,
+                    "bounds": [list(b) for b in bounds]})
+                spawned.append(ref)
+            replicas.append(ref)
+        return replicas
+
     async def stop_training(self) -> None:
         """Ask the run in progress to end early: replicas stop at their next exchange
         with a shard (within milliseconds unless rate limits hold them back), the final
@@ -206,18 +242,15 @@ class Cluster:
         run that has not started yet stops as soon as it starts."""
         self._stop_requested = True
         if self._live is not None:
-            await self._tell_stop(self._live[1])
-
-    async def _tell_stop(self, shards: list[ActorRef]) -> None:
-        await asyncio.gather(*(stop_replicas(shard) for shard in shards),
-                             return_exceptions=True)
+            _, shards, bounds = self._live
+            await ShardClient(shards, bounds).stop()
 
     async def parameters(self) -> dict[str, np.ndarray]:
         """The current parameters of the run in progress, fetched from its shards."""
         if self._live is None:
             raise ConfigError("no training run is in progress")
         layout, shards, bounds = self._live
-        return layout.views(await fetch_parameters(shards, bounds, layout.size))
+        return layout.tensors(await fetch_parameters(shards, bounds, layout.size))
 
     async def _stop(self, refs: list[ActorRef]) -> None:
         assert self.node is not None

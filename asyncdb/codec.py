@@ -21,13 +21,14 @@ import numpy as np
 
 from asyncdb.transport.frame import Frame, OutFrame, encode_frame
 
-from .errors import DecodeError, EncodeError
+from .errors import DecodeError, EncodeError, MessageTooLarge
 
 # Frame kinds between nodes.
-TELL, ASK, REPLY, FAIL, HELLO = 1, 2, 3, 4, 5
-KINDS = {TELL: "tell", ASK: "ask", REPLY: "reply", FAIL: "fail", HELLO: "hello"}
+TELL, ASK, REPLY, FAIL, HELLO, CREDIT = 1, 2, 3, 4, 5, 6
+KINDS = {TELL: "tell", ASK: "ask", REPLY: "reply", FAIL: "fail", HELLO: "hello",
+         CREDIT: "credit"}
 # Metadata arity per kind: header fields plus the body.
-_ARITY = {TELL: 2, ASK: 3, REPLY: 2, FAIL: 2, HELLO: 2}
+_ARITY = {TELL: 2, ASK: 3, REPLY: 2, FAIL: 2, HELLO: 2, CREDIT: 2}
 SPECIAL = 1  # frame flag: the metadata holds array, bytes or ref placeholders
 RESERVED = frozenset({"__nd__", "__bytes__", "__ref__"})
 _CONTAINERS = (dict, list, tuple)
@@ -147,6 +148,18 @@ def _check_keys(obj: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> None:
         for value in obj:
             if isinstance(value, _CONTAINERS):
                 _check_keys(value)
+
+
+def local_copy(kind: int, header: list[Any], body: Any, max_bytes: int,
+               make_ref: Callable[[str, str], Any]) -> Any:
+    """`body` as a receiver in another process would get it: encoded (EncodeError or
+    MessageTooLarge as a send would raise), its arrays copied, and decoded again."""
+    out = encode_message(kind, header, body)
+    if out.nbytes > max_bytes:
+        raise MessageTooLarge(f"message of {out.nbytes} bytes is over the "
+                              f"{max_bytes}-byte frame limit")
+    frame = Frame(kind, out.flags, out.meta, [wire.copy() for wire in out.arrays])
+    return decode_message(frame, make_ref)[-1]
 
 
 def own_arrays(obj: Any) -> Any:

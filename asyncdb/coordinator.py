@@ -17,9 +17,9 @@ from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
 from .errors import ActorDead, ChannelClosed
-from .params import ParameterLayout
+from .params import layout_of
 from .registry import register_actor
-from .shard import fetch_parameters
+from .shard_client import ShardClient
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -29,17 +29,19 @@ Progress = Callable[[dict[str, Any]], None]
 @register_actor("asyncdb.Coordinator")
 class Coordinator(Actor):
     """Lives on the driver's node. `on_progress` (a callable, so the coordinator must be
-    spawned in the driver's process) receives each history entry as it is made."""
+    spawned in the driver's process) receives each history entry as it is made.
+    Network peers cannot spawn one."""
+
+    network_spawn = False
 
     def __init__(self, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
                  x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                  eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None) -> None:
+                 on_progress: Progress | None = None, partitions: int = 1) -> None:
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
-        self.shards = shards
-        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.layout = layout_of(self.model, partitions)
+        self.shards = ShardClient(shards, bounds)
         self.x_test, self.y_test = x_test, y_test
         # evaluations during training use the validation rows; the test rows only the end
         self.has_val = x_val is not None and y_val is not None and len(x_val) > 0
@@ -60,13 +62,13 @@ class Coordinator(Actor):
         raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
 
     async def params(self) -> np.ndarray:
-        return await fetch_parameters(self.shards, self.bounds, self.layout.size)
+        return await self.shards.parameters()
 
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         """A history entry; `rows=None` is the final one, on every test row."""
         flat = await self.params()
-        stats = await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))
-        views = self.layout.views(flat)
+        stats = await self.shards.stats()
+        views = self.layout.tensors(flat)
         if rows is None:
             accuracy = {"val_accuracy": (self.model.accuracy(views, self.x_val, self.y_val)
                                          if self.has_val else None),
@@ -135,9 +137,10 @@ class Coordinator(Actor):
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "replicas": summaries, "lost": lost,
+        return {"history": self.history, "lost": lost,
+                "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
-                "shards": await asyncio.gather(*(s.ask({"op": "stats"}) for s in self.shards))}
+                "shards": await self.shards.stats()}
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from .data import open_arrays
 from .errors import ConfigError
 from .params import ParameterLayout
 from .registry import register_actor
+from .shard_client import ShardClient
+from .system import PeerPolicy
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,8 @@ class Replica(Actor):
                  seed: int = 0) -> None:
         self.index = index
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
-        self.shards = shards
-        self.bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        self.layout = self._parameter_layout()
+        self.client = ShardClient(shards, bounds)
         self.algorithm = Downpour(**algorithm)
         self.arrays = open_arrays(data)
         self.rng = np.random.default_rng(seed + 7919 * index)
@@ -133,12 +134,41 @@ class Replica(Actor):
         self._pending_steps = 0
         self._loss_sum = 0.0
         self._loss_steps = 0
-        self._stop = False  # a shard said the run is ending early
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's replica: a model within the parameter limit, its data
+        inline (never a path here), buffers within the data limit."""
+        try:
+            model = Model.from_config(config["model"])
+            batch = int(Downpour(**config["algorithm"]).batch_size)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad replica config: {exc}") from exc
+        params = model.num_params()
+        if params > policy.max_params:
+            raise ConfigError(f"a replica of {model} has {params} parameters, over this "
+                              f"node's limit of {policy.max_params}")
+        data = config.get("data")
+        if not isinstance(data, dict) or data.get("kind") != "inline":
+            raise ConfigError("a network peer's replica gets its data inline, inside the "
+                              "message; it cannot name data on this host")
+        rows = min((len(a) for a in (data.get("arrays") or {}).values()
+                    if isinstance(a, np.ndarray) and a.ndim), default=0)
+        units = sum(int(s) for s in getattr(model, "sizes", ()))
+        activations = 3 * 4 * min(batch, rows) * units
+        if activations > policy.max_data_bytes:
+            raise ConfigError(f"batches of {batch} rows through {model} need about "
+                              f"{activations} bytes, over this node's limit of "
+                              f"{policy.max_data_bytes}")
 
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
-            return await self.train(int(message["start"]), int(message["stop"]),
-                                    int(message["steps"]))
+            start, stop, steps = (int(message[k]) for k in ("start", "stop", "steps"))
+            rows = len(self.arrays["x"])
+            if not 0 <= start < stop <= rows or steps < 0:
+                raise ConfigError(f"replica {self.index}: rows [{start}, {stop}) and "
+                                  f"{steps} steps do not fit its {rows} rows of data")
+            return await self.train(start, stop, steps)
         if message.get("op") == "counts":
             return dict(self.counts)
         raise ConfigError(f"replica: unknown op {message.get('op')!r}")
@@ -153,15 +183,14 @@ class Replica(Actor):
         order = np.arange(start, stop)
         position = len(order)
         for _ in range(steps):
-            if self._stop:
+            if self.client.stopping:  # a shard said the run is ending early
                 break
             if position + batch > len(order):
                 self.rng.shuffle(order)
                 position = 0
             rows = np.sort(order[position:position + batch])
             position += batch
-            loss, _ = self.model.loss_and_grad(self.param_views, x[rows], y[rows],
-                                               self.grad_views)
+            loss = await self._compute(x[rows], y[rows])
             np.add(self.accum[0], self.grad, out=self.accum[0])
             self._pending_steps += 1
             self._loss_sum += loss
@@ -177,6 +206,15 @@ class Replica(Actor):
         seconds = time.perf_counter() - began
         return {**self.counts, "seconds": seconds, "replica": self.index}
 
+    def _parameter_layout(self) -> ParameterLayout:
+        """The parameters this replica fetches, trains and pushes (all of them)."""
+        return ParameterLayout(self.model.param_shapes())
+
+    async def _compute(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One mini-batch: the loss, and the gradient written into `self.grad`."""
+        loss, _ = self.model.loss_and_grad(self.param_views, x, y, self.grad_views)
+        return loss
+
     # -- fetching ---------------------------------------------------------------
 
     def _maybe_fetch(self) -> None:
@@ -188,14 +226,7 @@ class Replica(Actor):
         self._fetching = asyncio.get_running_loop().create_task(self._fetch())
 
     async def _fetch(self) -> None:
-        async def one(i: int) -> None:
-            reply = await self.shards[i].ask({"op": "fetch"}, borrow=True)
-            lo, hi = self.bounds[i]
-            self.params[lo:hi] = reply["values"]
-            self.versions[i] = int(reply["version"])
-            self._stop = self._stop or bool(reply.get("stop"))
-
-        await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+        self.versions = await self.client.fetch(self.params)
         self.counts["fetches"] += 1
 
     # -- pushing ----------------------------------------------------------------
@@ -219,16 +250,8 @@ class Replica(Actor):
         self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))
 
     async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
-        async def one(i: int) -> None:
-            lo, hi = self.bounds[i]
-            message = {"op": "push", "grad": buffer[lo:hi], "version": self.versions[i]}
-            if i == 0:
-                message["progress"] = progress
-            reply = await self.shards[i].ask(message)
-            self._stop = self._stop or bool(reply.get("stop"))
-
         try:
-            await asyncio.gather(*(one(i) for i in range(len(self.shards))))
+            await self.client.push(buffer, self.versions, progress)
         finally:
             buffer[...] = 0.0
         self.counts["pushes"] += 1
@@ -236,7 +259,7 @@ class Replica(Actor):
     async def _flush(self) -> None:
         if self._pushing is not None:
             await self._pushing
-        if self._pending_steps and not self._stop:
+        if self._pending_steps and not self.client.stopping:
             await self.push_limit.take(self.params.nbytes)
             self._start_push()
             assert self._pushing is not None

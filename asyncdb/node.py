@@ -3,6 +3,12 @@
 Routing is the whole job: a ref on this node goes to that actor's mailbox, a ref on
 another node goes into the channel to that node as a frame. Asks wait on a future
 keyed by an id; the reply, an error, a timeout or the loss of the channel settles it.
+
+Every placement gives the same semantics. Same-node messages and replies make the wire
+format's round trip (what cannot travel between processes fails here too, and arrays
+arrive as private copies, so no actor's live array escapes it); a sender waits while
+the target's mailbox is full, on this node or, by per-actor credits
+(`asyncdb.credits`), on another, and a reader never stops for one actor's mailbox.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from asyncdb.transport.base import Channel
-from asyncdb.transport.frame import Frame
+from asyncdb.transport.frame import DEFAULT_MAX_FRAME_BYTES, Frame
 
 from . import codec
 from .actor import MAILBOX_HIGH, Actor, ActorRef, Cell, Reply
+from .credits import Credits
 from .errors import (
     ActorDead,
     ActorError,
@@ -29,28 +36,34 @@ from .errors import (
     ConfigError,
     DecodeError,
     EncodeError,
+    MessageTooLarge,
     Timeout,
     error_from_remote,
 )
-from .registry import register_actor, resolve, type_name
+from .registry import resolve, type_name
 from .supervisor import Policy, Supervisor
+from .system import SYSTEM, PeerPolicy, Request, SystemActor
 
 log = logging.getLogger("asyncdb.node")
 
-SYSTEM = "_system"
 PeerLost = Callable[[str, BaseException], None]
 
 
 class Node:
     """Hosts actors in the running event loop. Create it inside a coroutine.
 
-    `allow_import`: whether `module:qualname` actor types may be imported when a peer
-    asks to spawn one (true for processes this host spawned, false for network peers).
+    `allow_import`: whether `module:qualname` actor types may be imported when a
+    trusted peer asks to spawn one (`asyncdb serve` nodes never import). `policy`: what
+    network peers may ask for (see `asyncdb.system`). `max_frame_bytes`: the largest
+    message or reply a same-node send accepts, as a channel's limit does between nodes.
     """
 
     def __init__(self, node_id: str = "local", *, supervisor: Supervisor | None = None,
-                 ask_timeout: float | None = 60.0, allow_import: bool = True) -> None:
+                 ask_timeout: float | None = 60.0, allow_import: bool = True,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.id = node_id
+        self.max_frame_bytes = max_frame_bytes
+        self.credits = Credits(MAILBOX_HIGH)
         self.supervisor = supervisor or Supervisor()
         self.ask_timeout = ask_timeout
         self.allow_import = allow_import
@@ -66,6 +79,8 @@ class Node:
         self._names = itertools.count(1)
         self._peer_lost: list[PeerLost] = []
         self._owned: dict[str, list[str]] = {}  # peer -> actors it spawned here
+        self._trusted: set[str] = set()  # peers this host spawned (shm links)
+        self.policy = PeerPolicy()
         self._closed = asyncio.Event()
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -83,7 +98,7 @@ class Node:
         if node is not None and node != self.id:
             tname = actor_type if isinstance(actor_type, str) else type_name(actor_type)
             request = {"op": "spawn", "type": tname, "name": name, "config": config or {},
-                       "policy": None if policy is None else str(policy), "owner": self.id}
+                       "policy": None if policy is None else str(policy)}
             ref: ActorRef = await self.ref(node, SYSTEM).ask(request)
             return ref
         cls = resolve(actor_type, self.allow_import) if isinstance(actor_type, str) else actor_type
@@ -125,6 +140,14 @@ class Node:
         cell.stop()
         await asyncio.shield(cell.task)
 
+    def own(self, owner: str, name: str) -> None:
+        """Record that peer `owner` spawned actor `name`: it stops when `owner`'s
+        channel is lost."""
+        self._owned.setdefault(owner, []).append(name)
+
+    def owned_by(self, owner: str) -> list[str]:
+        return list(self._owned.get(owner, ()))
+
     def forget(self, cell: Cell) -> None:
         if self._cells.get(cell.name) is cell:
             del self._cells[cell.name]
@@ -149,32 +172,48 @@ class Node:
 
     async def deliver_tell(self, ref: ActorRef, message: Any) -> None:
         if ref.node_id == self.id:
-            cell = self._cells.get(ref.name)
-            if cell is None:
-                raise ActorDead(f"no actor {ref.name!r} on node {self.id}")
-            cell.put(message, None)
+            body = self._local_copy(codec.TELL, [ref.name], message)
+            (await self._local_cell(ref.name)).put(body, None)
             return
-        await self._channel(ref.node_id).send(
-            codec.encode_message(codec.TELL, [ref.name], message))
+        frame = codec.encode_message(codec.TELL, [ref.name], message)
+        channel = self._channel(ref.node_id)
+        if ref.name != SYSTEM and not self.credits.try_take(ref.node_id, ref.name):
+            await self.credits.take(ref.node_id, ref.name)
+        await channel.send(frame)
+
+    async def _local_cell(self, name: str, deadline: float | None = None) -> Cell:
+        """The cell of actor `name` here, once its mailbox has room."""
+        cell = self._cells.get(name)
+        if cell is None:
+            raise ActorDead(f"no actor {name!r} on node {self.id}")
+        if cell.full:
+            await _before(deadline, cell.room(), name, self.id)
+        return cell
+
+    def _local_copy(self, kind: int, header: list[Any], body: Any) -> Any:
+        return codec.local_copy(kind, header, body, self.max_frame_bytes, self.ref)
 
     async def deliver_ask(self, ref: ActorRef, message: Any, timeout: float | None,
                           borrow: bool = False) -> Any:
         if timeout is not None and timeout < 0:
             timeout = self.ask_timeout
         future: asyncio.Future[Any] = self.loop.create_future()
+        deadline = None if timeout is None else self.loop.time() + timeout
         ask_id = 0
         if ref.node_id == self.id:
-            cell = self._cells.get(ref.name)
-            if cell is None:
-                raise ActorDead(f"no actor {ref.name!r} on node {self.id}")
-            cell.put(message, future)
+            body = self._local_copy(codec.ASK, [ref.name, 0], message)
+            cell = await self._local_cell(ref.name, deadline)
+            cell.put(body, future)
         else:
-            channel = self._channel(ref.node_id)
             ask_id = next(self._ids)
             frame = codec.encode_message(codec.ASK, [ref.name, ask_id], message)
+            channel = self._channel(ref.node_id)
+            if ref.name != SYSTEM and not self.credits.try_take(ref.node_id, ref.name):
+                await _before(deadline, self.credits.take(ref.node_id, ref.name),
+                              ref.name, ref.node_id)
             self._pending[ask_id] = (future, ref.node_id, borrow)
-        handle = None if timeout is None else self.loop.call_later(
-            timeout, _expire, future, ref, timeout)
+        handle = None if deadline is None else self.loop.call_at(
+            deadline, _expire, future, ref, timeout)
         try:
             if ask_id:
                 await channel.send(frame)
@@ -194,19 +233,20 @@ class Node:
     # -- answering --------------------------------------------------------------
 
     async def answer(self, reply: Reply, result: Any, actor: str) -> None:
-        if isinstance(reply, asyncio.Future):
-            if not reply.done():
-                reply.set_result(result)
-            return
+        """Send `result` to the asker; a result that cannot travel (EncodeError) or is
+        over the frame limit (MessageTooLarge) reaches the asker as that error."""
         if reply is None:
             return
-        peer, ask_id = reply
         try:
-            frame = codec.encode_message(codec.REPLY, [ask_id], result)
-        except EncodeError as exc:
+            if isinstance(reply, asyncio.Future):
+                if not reply.done():
+                    reply.set_result(self._local_copy(codec.REPLY, [0], result))
+                return
+            peer, ask_id = reply
+            await self._send_quietly(peer, codec.encode_message(codec.REPLY, [ask_id], result))
+        except (EncodeError, MessageTooLarge) as exc:
+            log.warning("node %s: the answer of %s cannot be sent: %s", self.id, actor, exc)
             await self.answer_error(reply, exc, actor)
-            return
-        await self._send_quietly(peer, frame)
 
     async def answer_error(self, reply: Reply, error: BaseException, actor: str) -> None:
         if reply is None:
@@ -239,12 +279,16 @@ class Node:
 
     # -- channels ---------------------------------------------------------------
 
-    def connect(self, peer: str, channel: Channel, info: Any = None) -> None:
+    def connect(self, peer: str, channel: Channel, info: Any = None, *,
+                trusted: bool = False) -> None:
         """Route refs on node `peer` through `channel`, and say hello on it (with this
-        process's pid and host unless `info` says otherwise)."""
+        process's pid and host unless `info` says otherwise). `trusted`: the peer is a
+        process this host spawned (see `asyncdb.system`)."""
         if peer in self._channels:
             raise ConfigError(f"node {self.id} already has a channel to {peer}")
         self._channels[peer] = channel
+        if trusted:
+            self._trusted.add(peer)
         self._hello.setdefault(peer, self.loop.create_future())
         self._readers[peer] = self.loop.create_task(self._read(peer, channel),
                                                     name=f"read:{self.id}<-{peer}")
@@ -253,10 +297,21 @@ class Node:
         frame = codec.encode_message(codec.HELLO, [self.id], info)
         self.background(self._send_quietly(peer, frame))
 
+    def consumed(self, peer: str, actor: str) -> None:
+        """Actor `actor` took (or dropped) a message from `peer`: grant the credit back,
+        in batches."""
+        count = self.credits.consumed(peer, actor)
+        if count:
+            frame = codec.encode_message(codec.CREDIT, [actor], count)
+            self.background(self._send_quietly(peer, frame))
+
     async def wait_peer(self, peer: str, timeout: float | None = None) -> Any:
         """Wait for `peer`'s hello on its channel; return the info it sent."""
         future = self._hello.setdefault(peer, self.loop.create_future())
         return await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    def trusts(self, peer: str) -> bool:
+        return peer in self._trusted and peer in self._channels
 
     def peers(self) -> list[str]:
         return [p for p, ch in self._channels.items() if not ch.closed]
@@ -301,10 +356,13 @@ class Node:
             return
         del self._channels[peer]
         self._readers.pop(peer, None)
+        self._trusted.discard(peer)
+        self.peer_info.pop(peer, None)
         hello = self._hello.pop(peer, None)
         if hello is not None and not hello.done():
             hello.set_exception(ChannelClosed(f"node {peer} closed before saying hello"))
             hello.exception()  # retrieved here: nobody may be waiting
+        self.credits.forget(peer)
         for ask_id, (future, target, _borrow) in list(self._pending.items()):
             if target == peer and not future.done():
                 del self._pending[ask_id]
@@ -326,7 +384,7 @@ class Node:
 
     def _dispatch(self, peer: str, frame: Frame) -> Coroutine[Any, Any, None] | None:
         """Route one frame; return the rare follow-up that must be awaited (an error
-        answer, or waiting for room in a full mailbox), else None."""
+        answer), else None. Never waits for a mailbox: the sender's credit did."""
         meta = codec.decode_message(frame, self.ref)
         kind = frame.kind
         if kind == codec.TELL or kind == codec.ASK:
@@ -336,8 +394,11 @@ class Node:
                 if not isinstance(meta[1], int):
                     raise DecodeError("ask id must be an integer")
                 reply = (peer, meta[1])
+            origin = peer if name != SYSTEM else None  # whose credit it used
             cell = self._cells.get(name) if isinstance(name, str) else None
             if cell is None or not cell.alive or cell.stopping:
+                if origin is not None and isinstance(name, str):
+                    self.consumed(peer, name)
                 dead = ActorDead(f"no actor {name!r} on node {self.id}")
                 if reply is None:
                     log.warning("node %s: tell from %s dropped: %s", self.id, peer, dead)
@@ -345,9 +406,15 @@ class Node:
             body = meta[-1]
             if frame.borrowed and not cell.actor.borrow_arrays:
                 body = codec.own_arrays(body)
-            cell.put(body, reply)
-            if len(cell.mailbox) >= MAILBOX_HIGH:
-                return cell.room()
+            if name == SYSTEM:  # the system actor judges requests by where they came from
+                body = Request(peer, body)
+            cell.put(body, reply, origin)
+        elif kind == codec.CREDIT:
+            name, count = meta
+            if (not isinstance(name, str) or not isinstance(count, int)
+                    or isinstance(count, bool) or count <= 0):
+                raise DecodeError(f"malformed credit {meta!r}")
+            self.credits.grant(peer, name, count)
         elif kind == codec.REPLY or kind == codec.FAIL:
             entry = self._pending.pop(meta[0], None) if isinstance(meta[0], int) else None
             if entry is None:
@@ -417,41 +484,17 @@ class Node:
         return f"<Node {self.id} actors={len(self._cells) - 1} peers={self.peers()}>"
 
 
-def _expire(future: asyncio.Future[Any], ref: ActorRef, timeout: float) -> None:
+async def _before(deadline: float | None, wait: Coroutine[Any, Any, None], name: str,
+                  node: str) -> None:
+    """Await `wait` (room in a mailbox, a credit) until `deadline` at the latest."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await wait
+    except TimeoutError:
+        raise Timeout(f"no room for a message to {name}@{node} before the deadline") from None
+
+
+def _expire(future: asyncio.Future[Any], ref: ActorRef, timeout: float | None) -> None:
     if not future.done():
         future.set_exception(Timeout(f"no answer from {ref.name}@{ref.node_id} "
-                                     f"within {timeout:g} s"))
-
-
-@register_actor("asyncdb.System")
-class SystemActor(Actor):
-    """Every node's own actor: spawns and stops actors at a peer's request."""
-
-    async def receive(self, message: Any) -> Any:
-        if not isinstance(message, dict):
-            raise ConfigError(f"system actor got {type(message).__name__}, expected a dict")
-        op = message.get("op")
-        node = self.node
-        if op == "spawn":
-            config = message.get("config") or {}
-            if not isinstance(config, dict):
-                raise ConfigError("spawn config must be a dict")
-            ref = await node.spawn(str(message["type"]), name=message.get("name"),
-                                   config=config, policy=message.get("policy"))
-            owner = message.get("owner")
-            if isinstance(owner, str) and owner != node.id:
-                node._owned.setdefault(owner, []).append(ref.name)
-            return ref
-        if op == "stop":
-            await node.stop_actor(str(message["name"]))
-            return None
-        if op == "ping":
-            return {"node": node.id, "actors": node.actors(), "peers": node.peers()}
-        if op == "dial":
-            if node.dialer is None:
-                raise ConfigError(f"node {node.id} cannot dial other nodes")
-            return await node.dialer(str(message["url"]))
-        if op == "shutdown":
-            node.loop.call_soon(lambda: node.background(node.close()))
-            return None
-        raise ConfigError(f"system actor: unknown op {op!r}")
+                                     f"within {timeout or 0:g} s"))

@@ -27,9 +27,10 @@ def _die_with_parent(parent_pid: int) -> None:
 
 async def serve(config: dict[str, Any]) -> int:
     import asyncio
+    import socket
 
     from asyncdb.node import Node
-    from asyncdb.process import child_config_links
+    from asyncdb.process import child_config_links, receive_link
     from asyncdb.transport.shm import ShmChannel
 
     node = Node(config["node_id"], allow_import=True)
@@ -43,8 +44,27 @@ async def serve(config: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: node.background(node.close()))
     for peer, end in child_config_links(config):
-        node.connect(peer, ShmChannel(end))
-    await node.wait_closed()
+        node.connect(peer, ShmChannel(end), trusted=True)  # the driver and siblings
+    control = socket.socket(fileno=int(config["control_fd"]))
+    control.setblocking(False)
+
+    def on_link() -> None:  # a node restarted elsewhere: link to its new process
+        try:
+            link = receive_link(control)
+        except (OSError, ValueError, KeyError) as exc:
+            logging.getLogger("asyncdb.nodeproc").error("bad link from the driver: %r", exc)
+            return
+        if link is None:
+            loop.remove_reader(control.fileno())
+            return
+        node.connect(link[0], ShmChannel(link[1]), trusted=True)
+
+    loop.add_reader(control.fileno(), on_link)
+    try:
+        await node.wait_closed()
+    finally:
+        loop.remove_reader(control.fileno())
+        control.close()
     return 1 if node.failure is not None else 0
 
 

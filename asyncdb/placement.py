@@ -24,8 +24,9 @@ from asyncdb.transport.shm import DEFAULT_RING_BYTES
 from .data import SharedArrays, inline_arrays
 from .engine import default_threads
 from .errors import ConfigError
-from .node import SYSTEM, Node
+from .node import Node
 from .process import LocalNodes
+from .system import SYSTEM
 
 
 class TrainingData:

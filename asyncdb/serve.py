@@ -21,6 +21,7 @@ from asyncdb.transport import ws
 
 from .errors import ConfigError
 from .node import Node
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.serve")
 
@@ -80,9 +81,10 @@ async def dial(node: Node, url: str, secret: bytes,
 async def serve(listen: str, secret: bytes, *, name: str | None = None,
                 ssl_context: ssl.SSLContext | None = None,
                 dial_ssl: ssl.SSLContext | None = None, imports: tuple[str, ...] = (),
-                max_frame_bytes: int = 1 << 30,
+                max_frame_bytes: int = 1 << 30, policy: PeerPolicy | None = None,
                 ready: Callable[[str, int], None] | None = None) -> None:
-    """Run a node until SIGINT or SIGTERM (or until it is closed)."""
+    """Run a node until SIGINT or SIGTERM (or until it is closed). `policy`: what
+    its network peers may ask of it (`asyncdb.system`)."""
     for module in imports:
         try:
             importlib.import_module(module)
@@ -90,6 +92,7 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
             raise ConfigError(f"--import {module}: {exc}") from exc
     host, port = parse_listen(listen)
     node = Node(name or f"{socket.gethostname()}:{port}", allow_import=False)
+    node.policy = policy or PeerPolicy()
     node.dialer = lambda url: dial(node, url, secret, dial_ssl)
 
     async def on_channel(peer: str, channel: ws.WsChannel) -> None:

@@ -1,8 +1,8 @@
 """The parameter shard: owns one contiguous slice of the parameters, answers fetches,
 applies pushed gradients in place with its update rule, and reports what it saw.
 
-Messages (dicts with an "op"):
-    fetch                     -> {"values", "version", "stop"}
+Messages (dicts with an "op"; `ShardClient` is the caller's side):
+    fetch [lo, hi]            -> {"values", "version", "stop"} (the slice, or [lo, hi))
     push  grad, version       -> {"version", "staleness", "stop"}; UpdateRejected if bad
     stop                      -> None; from now on fetch and push replies say "stop"
     stats                     -> counters (updates, version, staleness, rejections)
@@ -12,8 +12,8 @@ Messages (dicts with an "op"):
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from .actor import Actor, ActorRef
-from .engine import Updater
-from .errors import UpdateRejected
+from .engine import ENGINES, Updater
+from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
+from .shard_client import ShardClient
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
 
@@ -46,7 +48,24 @@ class ParameterShard(Actor):
         self.update_seconds = 0.0
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+        self.stopping = False  # the run is ending early: replies tell the replicas
         self.stopping = False  # the run is ending early: replicas finish when told
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """A network peer's shard: a slice within the parameter limit, a known engine,
+        no more threads than this host has cores."""
+        values = config.get("values")
+        if not isinstance(values, np.ndarray):
+            raise ConfigError("a shard's values must be an array")
+        if values.size > policy.max_params:
+            raise ConfigError(f"a shard of {values.size} parameters is over this node's "
+                              f"limit of {policy.max_params}")
+        if config.get("engine", "blocked") not in ENGINES:
+            raise ConfigError(f"unknown update engine; choose from {ENGINES}")
+        threads, cores = config.get("threads"), os.cpu_count() or 1
+        if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= cores):
+            raise ConfigError(f"a shard may use 1 to {cores} threads here, not {threads!r}")
 
     async def on_stop(self) -> None:
         self.updater.close()
@@ -60,8 +79,7 @@ class ParameterShard(Actor):
                 self.progress[str(progress.get("replica"))] = progress
             return result
         if op == "fetch":
-            self.fetches += 1
-            return {"values": self.values, "version": self.version, "stop": self.stopping}
+            return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)))
         if op == "stop":
             self.stopping = True
             return None
@@ -74,7 +92,14 @@ class ParameterShard(Actor):
             return self.restore(message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
 
-    def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
+    def fetch(self, lo: Any, hi: Any) -> dict[str, Any]:
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
+            raise UpdateRejected(f"shard {self.index}: bad fetch range [{lo!r}, {hi!r}) "
+                                 f"of a slice of {len(self.values)}")
+        self.fetches += 1
+        return {"values": self.values[lo:hi], "version": self.version, "stop": self.stopping}
+
+    def push(self, grad: Any, fetched_version: Any) -> dict[str, Any]:
         self._check(grad)
         assert isinstance(grad, np.ndarray)
         if not isinstance(fetched_version, int) or fetched_version < 0:
@@ -130,15 +155,7 @@ class ParameterShard(Actor):
 async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],
                            size: int) -> np.ndarray:
     """The whole flat parameter vector, fetched from every shard at once."""
-    flat = np.empty(size, np.float32)
-
-    async def one(shard: ActorRef, lo: int, hi: int) -> None:
-        flat[lo:hi] = (await shard.ask({"op": "fetch"}, borrow=True))["values"]
-
-    await asyncio.gather(*(one(s, lo, hi) for s, (lo, hi) in zip(shards, bounds, strict=True)))
-    return flat
-
-
-async def stop_replicas(shard: ActorRef) -> None:
-    """Tell the replicas of the run `shard` belongs to, through its replies, to stop."""
-    await shard.ask({"op": "stop"}, timeout=10)
+    client = ShardClient(shards, bounds)
+    if client.size != size:
+        raise ConfigError(f"shard bounds cover {client.size} parameters, not {size}")
+    return await client.parameters()

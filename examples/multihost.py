@@ -1,15 +1,17 @@
 """Several hosts: two `asyncdb serve` nodes and a driver, here all on 127.0.0.1.
 
-On real hosts, run on each one (same secret file everywhere, copied securely):
+On real hosts, run on each one (same secret file everywhere, copied securely, readable
+by its owner alone), naming the cluster's other nodes, which it may dial:
 
-    asyncdb serve --listen 0.0.0.0:7070 --secret-file ~/.asyncdb-secret
+    asyncdb serve --listen 0.0.0.0:7070 --secret-file ~/.asyncdb-secret \
+        --peers ws://host1:7070,ws://host2:7070
 
 and on the driver's host:
 
     asyncdb train --peers ws://host1:7070,ws://host2:7070 --secret-file ~/.asyncdb-secret
 
 This script does the same on one machine: it starts the two nodes as subprocesses on
-free loopback ports, trains through them from Python with `Cluster.connect`, and stops
+two free loopback ports, trains through them from Python with `Cluster.connect`, and stops
 them. Each replica's slice of the training data is streamed to it from the driver.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,10 +29,17 @@ import asyncdb
 from asyncdb.models import MLP
 
 
-def start_node(secret_file: Path, name: str) -> tuple[subprocess.Popen[str], str]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_node(secret_file: Path, name: str, port: int,
+               peers: list[str]) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0",
-         "--secret-file", str(secret_file), "--name", name],
+        [sys.executable, "-m", "asyncdb", "serve", "--listen", f"127.0.0.1:{port}",
+         "--secret-file", str(secret_file), "--name", name, "--peers", ",".join(peers)],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()  # "asyncdb serve: node NAME listening on ws://HOST:PORT"
@@ -52,7 +62,11 @@ def main(epochs: float = 20) -> asyncdb.Run:
     with tempfile.TemporaryDirectory() as tmp:
         secret_file = Path(tmp) / "secret"
         secret_file.write_bytes(secret)
-        nodes = [start_node(secret_file, name) for name in ("host-a", "host-b")]
+        secret_file.chmod(0o600)
+        ports = [free_port(), free_port()]
+        urls = [f"ws://127.0.0.1:{port}" for port in ports]
+        nodes = [start_node(secret_file, name, port, urls)
+                 for name, port in zip(("host-a", "host-b"), ports, strict=True)]
         try:
             run = asyncdb.run(train([url for _proc, url in nodes], secret, epochs))
         finally:

@@ -9,9 +9,12 @@ parameters and gradients as single flat buffers without copying.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .partition import Partition
 
 Params = dict[str, np.ndarray]
 
@@ -56,6 +59,10 @@ class Model(ABC):
             correct += int((self.predict(params, x[start:start + batch])
                             == y[start:start + batch]).sum())
         return correct / len(x)
+
+    def partition(self, part: int, parts: int) -> Partition:
+        """Partition `part` of `parts` of this model (see `models.partition`)."""
+        raise ValueError(f"{type(self).__name__} cannot be split into partitions")
 
     def num_params(self) -> int:
         return sum(int(np.prod(shape)) for shape in self.param_shapes().values())

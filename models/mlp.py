@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .base import Model, Params
+from .partition import DenseStage, Head, Partition, split_span
 
 
 class MLP(Model):
@@ -103,6 +104,18 @@ class MLP(Model):
                 upstream *= acts[i - 1] > 0  # ReLU gate
                 delta = upstream
         return loss, grads
+
+    def partition(self, part: int, parts: int) -> Partition:
+        """Hidden layers split by columns, the output layer by rows (see
+        `models.partition`); every layer's width must be at least `parts`."""
+        if not 0 <= part < parts:
+            raise ValueError(f"partition {part} of {parts} does not exist")
+        last = self.layers - 1
+        owned = [split_span(n, parts) for n in self.sizes[:-1]]
+        stages: list[DenseStage] = [DenseStage(i, self.sizes[i], owned[i + 1][part])
+                                    for i in range(last)]
+        head = Head(last, owned[last][part], self.sizes[-1], with_bias=part == 0)
+        return Partition(part, parts, list(stages), head, owned, self.param_shapes())
 
     def predict(self, params: Params, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, params["W0"].dtype)

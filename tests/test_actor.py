@@ -149,8 +149,8 @@ async def test_spawn_errors_surface():
 async def two_nodes(request):
     left, right = asyncdb.Node("left", ask_timeout=10), asyncdb.Node("right", ask_timeout=10)
     a, b = await open_pair(request.param)
-    left.connect("right", a)
-    right.connect("left", b)
+    left.connect("right", a, trusted=True)  # both in this process: test types import
+    right.connect("left", b, trusted=True)
     yield left, right
     await left.close()
     await right.close()

@@ -31,7 +31,7 @@ async def test_downpour_learns_digits(placement, digits):
                                   eval_every=0.05, on_progress=entries.append)
     assert run.final["test_accuracy"] >= 0.93
     assert run.final["loss"] < 0.5
-    assert entries and entries[-1] is run.history[-1]
+    assert entries and entries[-1] == run.history[-1]
     for key in ("examples", "examples_per_s", "loss", "test_accuracy", "staleness_mean",
                 "staleness_max", "updates"):
         assert key in run.final

@@ -144,3 +144,50 @@ def test_driver_interrupted_or_killed_takes_its_nodes_along(sig):
             driver.wait()
         if driver.stdout is not None:
             driver.stdout.close()
+
+
+async def test_restart_replaces_a_dead_node_and_relinks_every_live_one(cluster):
+    node, nodes = cluster
+    first, second = nodes.ids
+    failures: list[tuple[str, str]] = []
+    reported = asyncio.Event()
+
+    def on_failure(node_id: str, reason: str) -> None:
+        failures.append((node_id, reason))
+        reported.set()
+
+    nodes.on_failure(on_failure)
+    survivor = await node.spawn(Echo, node=second)
+    nodes.kill(first)
+    await asyncio.wait_for(reported.wait(), 10)
+    assert failures[0][0] == first and "died" in failures[0][1]
+    fresh = await nodes.restart(first)
+    assert fresh == f"{first}~1" and nodes.ids == [fresh, second]
+    assert sorted(nodes.alive()) == sorted([fresh, second])
+    reborn = await node.spawn(Echo, node=fresh)
+    assert await reborn.ask("pid") == nodes.processes[fresh].pid
+    # the surviving child reaches the new process over its new link, and back
+    assert await survivor.ask({"relay": reborn, "what": "across"}) == "across"
+    assert await reborn.ask({"relay": survivor, "what": "back"}) == "back"
+    assert failures == [(first, failures[0][1])]  # the restart itself is no failure
+
+
+async def test_a_stopped_node_is_found_frozen_and_killed():
+    failures: list[tuple[str, str]] = []
+    reported = asyncio.Event()
+
+    def on_failure(node_id: str, reason: str) -> None:
+        failures.append((node_id, reason))
+        reported.set()
+
+    async with asyncdb.Node("driver", ask_timeout=20) as node, \
+            asyncdb.LocalNodes(node, 2, ring_bytes=1 << 20, frozen_after=0.5) as nodes:
+        nodes.on_failure(on_failure)
+        busy = await node.spawn(Echo, node=nodes.ids[1])
+        nodes.kill(nodes.ids[0], signal.SIGSTOP)
+        await asyncio.wait_for(reported.wait(), 30)
+        assert failures[0][0] == nodes.ids[0] and "frozen" in failures[0][1]
+        await asyncio.wait_for(nodes.processes[nodes.ids[0]].exited, 10)
+        assert nodes.alive() == [nodes.ids[1]]
+        assert await busy.ask("still") == "still"
+        assert len(failures) == 1

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import numpy as np
 import pytest
 
 import asyncdb
-from asyncdb import ParameterLayout
+from asyncdb import ParameterLayout, ShardClient
+from asyncdb.shard_client import ShardCheckpoint
 
 
 @pytest.fixture
@@ -16,21 +18,31 @@ async def shard():
         ref = await node.spawn(asyncdb.ParameterShard, config={
             "index": 0, "values": values, "optimizer": asyncdb.SGD(lr=0.5).to_config(),
             "threads": 1})
-        yield ref
+        yield ShardClient([ref], [(0, 10)])
 
 
 async def test_fetch_push_and_staleness(shard):
-    fetched = await shard.ask({"op": "fetch"})
-    assert fetched["version"] == 0
-    np.testing.assert_array_equal(fetched["values"], np.arange(10))
+    values = np.empty(10, np.float32)
+    assert await shard.fetch(values) == [0]
+    np.testing.assert_array_equal(values, np.arange(10))
     grad = np.ones(10, np.float32)
-    assert (await shard.ask({"op": "push", "grad": grad, "version": 0}))["staleness"] == 0
-    assert (await shard.ask({"op": "push", "grad": grad, "version": 0}))["staleness"] == 1
-    values = (await shard.ask({"op": "fetch"}))["values"]
-    np.testing.assert_allclose(values, np.arange(10) - 1.0)
-    stats = await shard.ask({"op": "stats"})
+    assert (await shard.push(grad, [0]))[0]["staleness"] == 0
+    assert (await shard.push(grad, [0]))[0]["staleness"] == 1
+    np.testing.assert_allclose(await shard.parameters(), np.arange(10) - 1.0)
+    [stats] = await shard.stats()
     assert stats["updates"] == 2 and stats["staleness_max"] == 1
     assert stats["staleness_mean"] == pytest.approx(0.5)
+
+
+async def test_a_same_node_fetch_gets_a_snapshot_not_the_live_slice(shard):
+    # The fetch is answered first; the push queued behind it runs before the fetcher
+    # copies its answer. A live slice would show the push under version 0.
+    fetched = np.empty(10, np.float32)
+    versions, _ = await asyncio.gather(shard.fetch(fetched),
+                                       shard.push(np.ones(10, np.float32), [0]))
+    assert versions == [0]
+    np.testing.assert_array_equal(fetched, np.arange(10))
+    np.testing.assert_allclose(await shard.parameters(), np.arange(10) - 0.5)
 
 
 @pytest.mark.parametrize(
@@ -45,29 +57,28 @@ async def test_fetch_push_and_staleness(shard):
     ],
 )
 async def test_bad_pushes_are_rejected_and_change_nothing(shard, grad, reason):
-    before = (await shard.ask({"op": "fetch"}))["values"].copy()
+    before = await shard.parameters()
     with pytest.raises(asyncdb.UpdateRejected, match=reason):
-        await shard.ask({"op": "push", "grad": grad, "version": 0})
-    after = await shard.ask({"op": "fetch"})
-    np.testing.assert_array_equal(after["values"], before)
-    assert after["version"] == 0
-    assert (await shard.ask({"op": "stats"}))["rejected"] == 1
+        await shard.push(grad, [0])
+    after = np.empty(10, np.float32)
+    assert await shard.fetch(after) == [0]
+    np.testing.assert_array_equal(after, before)
+    assert (await shard.stats())[0]["rejected"] == 1
 
 
 async def test_bad_version_is_rejected(shard):
     with pytest.raises(asyncdb.UpdateRejected, match="version"):
-        await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": -3})
+        await shard.push(np.ones(10, np.float32), [-3])
 
 
 async def test_checkpoint_and_restore(shard):
-    await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": 0})
-    saved = await shard.ask({"op": "checkpoint"})
-    await shard.ask({"op": "push", "grad": np.ones(10, np.float32), "version": 1})
-    assert await shard.ask({"op": "restore", **saved}) == 1
-    values = (await shard.ask({"op": "fetch"}))["values"]
-    np.testing.assert_allclose(values, np.arange(10) - 0.5)
+    await shard.push(np.ones(10, np.float32), [0])
+    saved = await shard.checkpoint()
+    await shard.push(np.ones(10, np.float32), [1])
+    assert await shard.restore(saved) == [1]
+    np.testing.assert_allclose(await shard.parameters(), np.arange(10) - 0.5)
     with pytest.raises(asyncdb.UpdateRejected):
-        await shard.ask({"op": "restore", "values": np.zeros(3), "version": 0})
+        await shard.restore([ShardCheckpoint(np.zeros(3, np.float32), {}, 0)])
 
 
 def test_layout_views_and_balanced_bounds():

@@ -178,7 +178,8 @@ class Serve:
 
 @pytest.fixture
 def two_peers(tmp_path):
-    peers = [Serve(tmp_path, "peer-a"), Serve(tmp_path, "peer-b")]
+    # Each may dial the other (any port on this host: they bind port 0).
+    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1") for name in ("peer-a", "peer-b")]
     yield peers
     for peer in peers:
         peer.stop()
@@ -227,6 +228,38 @@ async def test_network_peers_create_only_registered_actor_types(two_peers):
             await cluster.node.spawn("os:system", node=cluster.peer_ids[0])
         with pytest.raises(asyncdb.ConfigError, match="unknown actor type"):
             await cluster.node.spawn(Echo, node=cluster.peer_ids[0])
+
+
+async def test_a_peer_cannot_read_a_file_on_a_serve_host(tmp_path):
+    """The attack: a Replica whose data spec names a file here, its shards a fake one on
+    the attacker's node, so that the file's bytes would come back as gradients."""
+    canary = tmp_path / "canary"
+    canary.write_bytes(bytes(range(256)) * 4)
+    peer = Serve(tmp_path, "victim")
+    try:
+        async with asyncdb.Node("attacker", ask_timeout=20) as node:
+            channel = await ws.connect(peer.url, SECRET, node.id)
+            node.connect(channel.peer, channel)
+            fake = await node.spawn(Echo, name="fake-shard")
+            model = asyncdb.models.MLP([256, 1, 2])
+            spec = {"kind": "shared", "arrays": {
+                "x": {"path": str(canary), "dtype": "|u1", "shape": [4, 256]},
+                "y": {"path": str(canary), "dtype": "|u1", "shape": [4]}}}
+            config = {"index": 0, "model": model.to_config(), "shards": [fake],
+                      "bounds": [[0, model.num_params()]], "data": spec,
+                      "algorithm": asyncdb.Downpour(batch_size=4).to_config()}
+            with pytest.raises(asyncdb.ConfigError, match="inline"):
+                await node.spawn("asyncdb.Replica", node="victim", config=config)
+            system = node.ref("victim", "_system")
+            assert (await system.ask({"op": "ping"}))["actors"] == []
+            with pytest.raises(asyncdb.ConfigError, match="shutdown"):
+                await system.ask({"op": "shutdown"})
+            with pytest.raises(asyncdb.ConfigError, match="peers its operator listed"):
+                await system.ask({"op": "dial", "url": "ws://127.0.0.1:22"})
+            assert (await system.ask({"op": "ping"}))["node"] == "victim"
+        assert peer.proc.poll() is None
+    finally:
+        peer.stop()
 
 
 def make_certificate(tmp: Path) -> tuple[Path, Path]:

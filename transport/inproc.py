@@ -12,7 +12,7 @@ import asyncio
 from collections import deque
 
 from .base import Channel, register_transport
-from .errors import ChannelClosed
+from .errors import ChannelClosed, MessageTooLarge
 from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, OutFrame, parse_frame
 
 DEFAULT_CAPACITY = 8 << 20
@@ -39,6 +39,10 @@ class InprocChannel(Channel):
         return self._closed or self._peer_gone
 
     async def send(self, frame: OutFrame) -> None:
+        peer = self._peer
+        if peer is not None and frame.nbytes > peer.max_frame_bytes:
+            raise MessageTooLarge(f"frame of {frame.nbytes} bytes is over the "
+                                  f"{peer.max_frame_bytes}-byte limit of this channel")
         data = frame.to_bytes()
         while True:
             peer = self._peer

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Channel, register_transport
-from .errors import ChannelClosed, DecodeError
+from .errors import ChannelClosed, DecodeError, MessageTooLarge
 from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, OutFrame
 from .leases import LeaseTable
 from .ring import DIRECTION_WORDS, RECORD_BYTES, RingReader, RingWriter
@@ -177,7 +177,7 @@ class ShmChannel(Channel):
         if frame.nbytes > self.max_frame_bytes:
             for lease in leases:
                 self.leases.settle(lease)
-            raise ValueError(f"frame of {frame.nbytes} bytes is over the "
+            raise MessageTooLarge(f"frame of {frame.nbytes} bytes is over the "
                              f"{self.max_frame_bytes}-byte limit of this channel")
         try:
             await self.writer.write(frame)

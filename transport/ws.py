@@ -83,7 +83,7 @@ class WsChannel(Channel):
         if self.closed:
             raise ChannelClosed(f"websocket to {self.peer} is closed {self._reason}".rstrip())
         if frame.nbytes > self.max_frame_bytes:
-            raise ValueError(f"frame of {frame.nbytes} bytes is over the "
+            raise MessageTooLarge(f"frame of {frame.nbytes} bytes is over the "
                              f"{self.max_frame_bytes}-byte limit of this channel")
         try:
             async with self._send_lock:  # the pieces of one frame must not interleave

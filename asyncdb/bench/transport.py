@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from ..actor import Actor, ActorRef
+from ..errors import ConfigError
 from ..node import Node
 from ..process import LocalNodes, node_environment
 from ..registry import register_actor
+from ..system import PeerPolicy
 from ..transport import shared
 
 BULK_BYTES = 16 << 20
@@ -146,6 +148,11 @@ class Sink(Actor):
     small tells."""
 
     borrow_arrays = True
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        if int(config.get("nbytes", 0)) > policy.max_data_bytes:
+            raise ConfigError("sink buffer over this node's data limit")
 
     def __init__(self, nbytes: int = 0, copy: bool = True) -> None:
         self.buffer = np.empty(nbytes // 4, np.float32)

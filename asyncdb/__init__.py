@@ -10,6 +10,7 @@ from .actor import Actor, ActorRef
 from .checkpoint import CheckpointStore
 from .cluster import Cluster
 from .coordinator import Coordinator
+from .dashboard import Dashboard
 from .downpour import Downpour, Replica
 from .errors import (
     ActorDead,
@@ -25,6 +26,7 @@ from .errors import (
     RemoteTraceback,
     Timeout,
     UpdateRejected,
+    VersionMismatch,
 )
 from .loop import run
 from .node import Node
@@ -55,6 +57,7 @@ __all__ = [
     "Cluster",
     "ConfigError",
     "Coordinator",
+    "Dashboard",
     "DecodeError",
     "Downpour",
     "EncodeError",
@@ -74,6 +77,7 @@ __all__ = [
     "Timeout",
     "UpdateRejected",
     "UpdateRule",
+    "VersionMismatch",
     "__version__",
     "datasets",
     "load",

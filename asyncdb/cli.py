@@ -95,7 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import client_ssl, read_secret, serve, server_ssl
     from .system import PeerPolicy
 
-    for flag in ("max_params", "max_data_bytes", "max_actors", "max_frame_bytes"):
+    for flag in ("max_params", "max_data_bytes", "max_actors", "max_frame_bytes",
+                 "max_pending", "auth_timeout"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     peers = tuple(u.strip() for u in (args.peers or "").split(",") if u.strip())
@@ -105,7 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
     run(serve(args.listen, read_secret(args.secret_file), name=args.name,
               ssl_context=server_ssl(args.cert, args.key),
               dial_ssl=client_ssl(args.ca, args.insecure), imports=tuple(args.imports),
-              max_frame_bytes=args.max_frame_bytes, policy=policy))
+              max_frame_bytes=args.max_frame_bytes, policy=policy,
+              max_pending=args.max_pending, auth_timeout=args.auth_timeout,
+              metrics=args.metrics))
     return 0
 
 
@@ -161,9 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "allocate for batches (default 1 GiB)")
     serve.add_argument("--max-actors", type=int, default=64,
                        help="most actors one connection may own at once (default 64)")
+    serve.add_argument("--max-pending", type=int, default=64,
+                       help="most connections waiting to authenticate; a newcomer drops "
+                            "the oldest (default 64)")
+    serve.add_argument("--auth-timeout", type=float, default=10.0,
+                       help="seconds a connection has to send its HTTP headers and "
+                            "authenticate (default 10)")
     serve.add_argument("--allow-remote-shutdown", action="store_true",
                        help="let authenticated peers shut this node down (default: only "
                             "SIGINT or SIGTERM here)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour"])

@@ -54,6 +54,7 @@ class Cluster:
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
         self._stop_requested = False
+        self._started = False
         self._live: tuple[Layout, list[ActorRef], list[tuple[int, int]]] | None = None
 
     @classmethod
@@ -106,6 +107,26 @@ class Cluster:
         """Replica processes (or peers' turns): one per partition of each replica."""
         return self.replicas * self.partitions
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Where every actor runs: one {role, index, node, pid, host, alive} per
+        coordinator, shard and replica (with partitions, per replica partition: role
+        "partition", index "R.P"), empty before the cluster has started."""
+        node = self.node
+        if node is None or node.closed or not self._started:
+            return []
+        shard_nodes, slot_nodes = self.placement.place(self.shards, self.slots)
+        live = {node.id, *node.peers()}
+        places: list[tuple[str, int | str, str]] = [("coordinator", 0, node.id)]
+        places += [("shard", i, n) for i, n in enumerate(shard_nodes)]
+        if self.partitions == 1:
+            places += [("replica", i, n) for i, n in enumerate(slot_nodes)]
+        else:
+            places += [("partition", f"{i // self.partitions}.{i % self.partitions}", n)
+                       for i, n in enumerate(slot_nodes)]
+        return [{"role": role, "index": i, "node": n, "pid": self.placement.pid(n),
+                 "host": self.placement.host(n), "alive": n in live}
+                for role, i, n in places]
+
     async def __aenter__(self) -> Cluster:
         self.node = Node(self.placement.driver_name(), ask_timeout=self.ask_timeout)
         try:
@@ -113,6 +134,7 @@ class Cluster:
         except BaseException:
             await self.close()
             raise
+        self._started = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:

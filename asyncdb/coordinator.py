@@ -51,6 +51,7 @@ class Coordinator(Actor):
         self.eval_rows = eval_rows
         self.on_progress = on_progress
         self.history: list[dict[str, Any]] = []
+        self.lost: list[int] = []
         self._started = 0.0
 
     async def receive(self, message: dict[str, Any]) -> Any:
@@ -92,6 +93,8 @@ class Coordinator(Actor):
             "staleness_max": max(int(s["staleness_max"]) for s in stats),
             "updates": updates,
             "replicas": alive,
+            "lost": list(self.lost),
+            **_activity(stats, progress),
         }
         self.history.append(entry)
         if self.on_progress is not None:
@@ -104,6 +107,7 @@ class Coordinator(Actor):
         self.history = []
         summaries: dict[int, dict[str, Any]] = {}
         lost: list[int] = []
+        self.lost = lost
         if warm_start_steps and replicas:
             warm = min(warm_start_steps, steps[0])
             log.info("warm start: replica 0 trains alone for %d steps", warm)
@@ -141,6 +145,22 @@ class Coordinator(Actor):
                 "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
+
+
+def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
+    """Cumulative counts for dashboards and metrics: per replica (as its last push
+    reported them) and per shard."""
+    totals = {key: sum(int(p.get(key, 0)) for p in progress)
+              for key in ("fetches", "pushes", "skipped_fetches", "deferred_pushes")}
+    return {
+        **totals,
+        "replica_examples": {str(p["replica"]): int(p["examples"]) for p in progress},
+        "shard_updates": [int(s["updates"]) for s in stats],
+        "rejected": sum(int(s["rejected"]) for s in stats),
+        "update_seconds": sum(float(s["update_seconds"]) for s in stats),
+        "update_counts": [sum(c) for c in zip(*(s["update_counts"] for s in stats),
+                                              strict=True)],
+    }
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

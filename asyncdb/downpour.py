@@ -244,7 +244,7 @@ class Replica(Actor):
     def _start_push(self) -> None:
         self.accum.reverse()  # accumulate into the other buffer while this one flies
         buffer = self.accum[1]
-        progress = {"replica": self.index, "examples": self.counts["examples"],
+        progress = {**self.counts, "replica": self.index,
                     "loss": self._loss_sum / max(1, self._loss_steps)}
         self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
         self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))

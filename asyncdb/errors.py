@@ -1,7 +1,8 @@
 """Every error asyncdb raises on purpose, rooted at `AsyncDBError`.
 
 Transport errors (`ChannelClosed`, `DecodeError`, `MessageTooLarge`,
-`AuthenticationError`) are defined in `asyncdb.transport` and re-exported here.
+`AuthenticationError`, `VersionMismatch`) are defined in `asyncdb.transport` and
+re-exported here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from asyncdb.transport.errors import (
     ChannelClosed,
     DecodeError,
     MessageTooLarge,
+    VersionMismatch,
 )
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "RemoteTraceback",
     "Timeout",
     "UpdateRejected",
+    "VersionMismatch",
     "error_from_remote",
 ]
 

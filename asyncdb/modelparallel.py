@@ -42,6 +42,7 @@ from .downpour import Replica
 from .errors import ActorDead, AsyncDBError, ChannelClosed, ConfigError, Timeout
 from .params import ParameterLayout
 from .registry import register_actor
+from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.modelparallel")
 
@@ -131,9 +132,11 @@ class PartitionLink:
 
 @register_actor("asyncdb.PartitionInbox")
 class PartitionInbox(Actor):
-    """Copies each array a peer partition sends into the partition's buffers."""
+    """Copies each array a peer partition sends into the partition's buffers. Only its
+    partition spawns it (its config holds a live object), never a network peer."""
 
     borrow_arrays = True  # copied out before the handler returns
+    network_spawn = False
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -212,6 +215,16 @@ class Partition(Replica):
         self.counts["exchange_bytes"] = 0
         self.timing = {"exchange_wait_s": 0.0, "compute_s": 0.0}
         self.exchange_steps = 0  # steps this partition has exchanged (train or gradient)
+
+    @classmethod
+    def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
+        """As a replica's, and a partition count one connection could own."""
+        super().admit(config, policy)
+        part, parts = config.get("part"), config.get("parts")
+        if not (isinstance(parts, int) and isinstance(part, int)
+                and 0 <= part < parts <= policy.max_actors):
+            raise ConfigError(f"partition {part!r} of {parts!r}: a replica has 1 to "
+                              f"{policy.max_actors} partitions here")
 
     def _parameter_layout(self) -> ParameterLayout:
         return ParameterLayout(self.share.param_shapes())

@@ -11,15 +11,19 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import socket
 import ssl
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from asyncdb.transport import ws
+from asyncdb.transport.wsauth import check_name
 
-from .errors import ConfigError
+from .errors import AuthenticationError, ConfigError
+from .metrics import NodeFigures, registry, serve_metrics
 from .node import Node
 from .system import PeerPolicy
 
@@ -27,8 +31,13 @@ log = logging.getLogger("asyncdb.serve")
 
 
 def read_secret(path: str | Path) -> bytes:
-    """The shared secret from a file (surrounding whitespace ignored)."""
+    """The shared secret from a file (surrounding whitespace ignored), which only its
+    owner may read (as ssh insists for private keys)."""
     try:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            raise ConfigError(f"the secret file {path} is open to group or others (mode "
+                              f"{stat.S_IMODE(mode):04o}); make it private: chmod 600 {path}")
         secret = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the secret file: {exc}") from exc
@@ -82,22 +91,32 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
                 ssl_context: ssl.SSLContext | None = None,
                 dial_ssl: ssl.SSLContext | None = None, imports: tuple[str, ...] = (),
                 max_frame_bytes: int = 1 << 30, policy: PeerPolicy | None = None,
+                max_pending: int = ws.DEFAULT_MAX_PENDING,
+                auth_timeout: float = ws.AUTH_TIMEOUT, metrics: str | None = None,
                 ready: Callable[[str, int], None] | None = None) -> None:
     """Run a node until SIGINT or SIGTERM (or until it is closed). `policy`: what
-    its network peers may ask of it (`asyncdb.system`)."""
+    its network peers may ask of it (`asyncdb.system`); `max_pending` connections may
+    wait at most `auth_timeout` seconds to authenticate. With `metrics` (HOST:PORT,
+    loopback unless a host is given), the figures of the shards and replicas on this
+    node are served at /metrics there, apart from the authenticated listener."""
     for module in imports:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigError(f"--import {module}: {exc}") from exc
     host, port = parse_listen(listen)
-    node = Node(name or f"{socket.gethostname()}:{port}", allow_import=False)
+    node_id = name or f"{socket.gethostname()}:{port}"
+    try:
+        check_name(node_id)
+    except AuthenticationError as exc:
+        raise ConfigError(f"--name: {exc}") from None
+    node = Node(node_id, allow_import=False)
     node.policy = policy or PeerPolicy()
     node.dialer = lambda url: dial(node, url, secret, dial_ssl)
 
     async def on_channel(peer: str, channel: ws.WsChannel) -> None:
         if peer in node.peers() or peer == node.id:
-            log.warning("refused a second connection from a node named %r", peer)
+            log.warning("refused a second connection from a node named %r", peer[:128])
             await channel.close()
             return
         log.info("node %s: %s connected", node.id, peer)
@@ -105,13 +124,23 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
 
     try:
         runner = await ws.listen(host, port, secret, node.id, on_channel,
-                                 ssl_context=ssl_context, max_frame_bytes=max_frame_bytes)
+                                 ssl_context=ssl_context, max_frame_bytes=max_frame_bytes,
+                                 max_pending=max_pending, auth_timeout=auth_timeout)
     except OSError as exc:
         await node.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     bound = ws.bound_port(runner)
     scheme = "wss" if ssl_context else "ws"
     print(f"asyncdb serve: node {node.id} listening on {scheme}://{host}:{bound}", flush=True)
+    exporter = None
+    if metrics is not None:
+        try:
+            exporter, url = await serve_metrics(metrics, registry(NodeFigures(node)))
+        except BaseException:
+            await runner.cleanup()
+            await node.close()
+            raise
+        print(f"asyncdb serve: metrics at {url}", flush=True)
     if ready is not None:
         ready(host, bound)
     loop = asyncio.get_running_loop()
@@ -123,3 +152,5 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
     finally:
         await node.close()
         await runner.cleanup()
+        if exporter is not None:
+            await exporter.cleanup()

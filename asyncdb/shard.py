@@ -12,6 +12,7 @@ Messages (dicts with an "op"; `ShardClient` is the caller's side):
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -30,6 +31,9 @@ from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
 
+# upper bounds (seconds) of the update-time histogram's buckets; the last one is +Inf
+UPDATE_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
 
 @register_actor("asyncdb.ParameterShard")
 class ParameterShard(Actor):
@@ -46,6 +50,7 @@ class ParameterShard(Actor):
         self.staleness_sum = 0
         self.staleness_max = 0
         self.update_seconds = 0.0
+        self.update_counts = [0] * (len(UPDATE_BUCKETS) + 1)
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
         self.stopping = False  # the run is ending early: replies tell the replicas
@@ -107,7 +112,9 @@ class ParameterShard(Actor):
             raise UpdateRejected(f"shard {self.index}: bad version {fetched_version!r}")
         start = time.perf_counter()
         self.updater.apply(self.values, grad)
-        self.update_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.update_seconds += seconds
+        self.update_counts[bisect.bisect_left(UPDATE_BUCKETS, seconds)] += 1
         staleness = max(0, self.version - fetched_version)
         self.version += 1
         self.staleness_sum += staleness
@@ -135,6 +142,7 @@ class ParameterShard(Actor):
             "updates": self.version, "fetches": self.fetches, "rejected": self.rejected,
             "staleness_mean": self.staleness_sum / self.version if self.version else 0.0,
             "staleness_max": self.staleness_max, "update_seconds": self.update_seconds,
+            "update_counts": list(self.update_counts),
             "engine": self.updater.engine, "threads": self.updater.threads,
             "progress": self.progress,
         }

@@ -23,9 +23,11 @@ from asyncdb.models import MLP
 
 from . import datasets
 from .cluster import Cluster
+from .dashboard import Dashboard
 from .downpour import Downpour
 from .errors import ConfigError
 from .optim import SGD, Adagrad, UpdateRule
+from .progress import TrainingProgress
 from .runs import Run, unique_dir
 
 log = logging.getLogger("asyncdb.train")
@@ -107,21 +109,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save", type=Path, metavar="DIR",
         help="the run directory (default runs/train-<time>-<pid>/)")
     add("--history", type=Path, metavar="FILE", help="an extra copy of the history (JSON)")
+    add("--dashboard", nargs="?", const="127.0.0.1:0", metavar="HOST:PORT",
+        help="serve a live dashboard while training (default 127.0.0.1, a free port)")
 
 
 class Console:
-    """What `asyncdb train` shows: a bar redrawn in place on a terminal, one plain line
-    per evaluation elsewhere; notices and warnings on stderr."""
+    """What `asyncdb train` shows: the header, the progress of the run (a tqdm bar on a
+    terminal, one plain line per evaluation elsewhere: `TrainingProgress`), notices and
+    warnings on stderr, the result."""
 
     def __init__(self, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.out, self.err = out, err
-        self.tty = out.isatty()
-        self.total = 1
-        self._open = False
+        self.bar: TrainingProgress | None = None
 
     def header(self, line: str, total_examples: int) -> None:
-        self.total = max(1, total_examples)
         print(line, file=self.out, flush=True)
+        self.bar = TrainingProgress(total_examples, self.out)
 
     def generating(self, what: str) -> Callable[[float], None]:
         """A callback taking the fraction of `what` generated so far."""
@@ -136,33 +139,27 @@ class Console:
         return report
 
     def progress(self, entry: dict[str, Any]) -> None:
-        done = min(1.0, entry["examples"] / self.total)
-        width = 24
-        bar = "#" * int(done * width) + "-" * (width - int(done * width))
-        loss = "   -  " if entry["loss"] is None else f"{entry['loss']:.4f}"
-        accuracy = entry.get("val_accuracy")
-        if accuracy is None:
-            accuracy = entry.get("test_accuracy", float("nan"))
-        line = (f"[{bar}] {done:6.1%}  loss {loss}  val acc {accuracy:.4f}  "
-                f"{entry['examples_per_s']:9.0f} ex/s  staleness {entry['staleness_mean']:.2f}")
-        self.out.write("\r" + line if self.tty else line + "\n")
-        self.out.flush()
-        self._open = self.tty
+        if self.bar is not None:
+            self.bar.update(entry)
 
-    def _end_line(self) -> None:
-        if self._open:
-            self.out.write("\n")
-            self._open = False
+    def write(self, text: str) -> None:
+        """A line of output that leaves the bar intact."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=self.out, flush=True)
 
     def notice(self, text: str) -> None:
-        self._end_line()
+        if self.bar is not None and self.bar.tty:
+            self.out.write("\n")  # below the bar's line
         print(text, file=self.err, flush=True)
 
     def warn(self, text: str) -> None:
         self.notice(f"warning: {text}")
 
     def result(self, text: str) -> None:
-        self._end_line()
+        if self.bar is not None:
+            self.bar.close()
         print(text, file=self.out, flush=True)
 
 
@@ -314,12 +311,16 @@ async def train(args: argparse.Namespace, data: datasets.Dataset,
         console.warn(f"the push limits allow at most {ceiling:.3g} updates/s per replica "
                      f"(pushes of {4 * model.num_params():,} bytes): the run will make "
                      "almost no updates")
+    dashboard = Dashboard(cluster, title=f"asyncdb train: {model} on {data.name}")
     with StopOnSignal(cluster, console) as stopper:
-        async with cluster:
+        async with dashboard, cluster:
+            if args.dashboard is not None:
+                console.write(f"dashboard: {await dashboard.start(args.dashboard)}")
             run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
                                       epochs=args.epochs, seed=args.seed,
                                       eval_every=args.eval_every, engine=args.engine,
-                                      on_progress=console.progress)
+                                      on_progress=dashboard.chain(console.progress))
+            dashboard.finish()
         run.config["command"] = {k: v for k, v in vars(args).items() if k != "func"}
         _report(console, run, args)
         _check_rates(console, run, ceiling, algorithm)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -57,6 +58,14 @@ def test_train_options_reach_the_run(tmp_path):
     command = json.loads((tmp_path / "run" / "options.json").read_text())["command"]
     assert command["n_push"] == 2 and command["hidden"] == [] and command["inproc"] is True
     assert command["eval_every"] == 0.5 and command["data"] == "digits"
+
+
+def test_train_prints_the_dashboard_url(tmp_path):
+    out = asyncdb_cli("train", "--inproc", "--epochs", "1", "--dashboard",
+                      "--save", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", out.stdout, re.M), out.stdout
+    assert re.search(r"ETA .* ex/s .* val acc .* staleness .* lost 0$", out.stdout, re.M)
 
 
 def raw_digits():

@@ -94,6 +94,12 @@ async def test_registered_actors_check_network_configs(linked):
         await client.spawn("asyncdb.Coordinator", node="server", config={})
     with pytest.raises(asyncdb.ConfigError, match="cannot be spawned by a network peer"):
         await client.spawn("asyncdb.System", node="server", config={})
+    with pytest.raises(asyncdb.ConfigError, match="cannot be spawned by a network peer"):
+        await client.spawn("asyncdb.PartitionInbox", node="server", config={"exchange": {}})
+    data = inline_arrays({"x": np.ones((8, 4), np.float32), "y": np.zeros(8, np.int64)})
+    partition = {**replica_config(data), "part": 0, "parts": 10**9, "peers": []}
+    with pytest.raises(asyncdb.ConfigError, match="partitions here"):
+        await client.spawn("asyncdb.Partition", node="server", config=partition)
     with pytest.raises(asyncdb.ConfigError, match="unknown actor type"):
         await client.spawn(Probe, node="server")  # importable here, but not for a peer
     assert server.actors() == []

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import re
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -15,11 +18,14 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import web
 
 import asyncdb
+from asyncdb import codec
 from asyncdb.serve import client_ssl
-from asyncdb.transport import ws
-from asyncdb.transport.frame import HEADER, MAGIC, VERSION
+from asyncdb.transport import ws, wsauth
+from asyncdb.transport.frame import HEADER, MAGIC, VERSION, FrameDecoder
+from asyncdb.transport.wsauth import Opener, Sealer
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -96,9 +102,10 @@ async def test_garbage_before_authentication_is_refused(server):
 
 
 async def authenticated_raw(url, name):
+    """A bare websocket past the handshake, and the sealer and opener of its messages."""
     session, sock = await raw_socket(url)
-    await ws._client_handshake(sock, SECRET, name)
-    return session, sock
+    _peer, (send_key, receive_key) = await ws._client_handshake(sock, SECRET, name)
+    return session, sock, Sealer(send_key), Opener(receive_key)
 
 
 @pytest.mark.parametrize(
@@ -111,10 +118,10 @@ async def authenticated_raw(url, name):
 )
 async def test_hostile_frames_close_that_connection_only(server, payload, code, reason):
     node, url = server
-    session, sock = await authenticated_raw(url, "hostile")
+    session, sock, sealer, _opener = await authenticated_raw(url, "hostile")
     healthy = await client_node(url, name="healthy")
     try:
-        await sock.send_bytes(payload)
+        await sock.send_bytes(sealer.seal(payload))
         if code is not None:
             message = await asyncio.wait_for(sock.receive(), 5)
             while message.type == aiohttp.WSMsgType.BINARY:  # the node's hello
@@ -128,6 +135,154 @@ async def test_hostile_frames_close_that_connection_only(server, payload, code, 
     finally:
         await session.close()
         await healthy.close()
+
+
+class Counter(asyncdb.Actor):
+    def __init__(self):
+        self.count = 0
+
+    async def receive(self, message):
+        if message == "add":
+            self.count += 1
+        return self.count
+
+
+def sealed(sealer, frame):
+    """The websocket messages carrying `frame`, each with its tag."""
+    return [sealer.seal(piece) for piece in frame.pieces(ws.PIECE_BYTES)]
+
+
+async def test_every_frame_is_authenticated(server):
+    """Frames injected, replayed or reordered on the path close the connection, and
+    none of them is acted on."""
+    node, url = server
+    await node.spawn(Counter, name="counter")
+    tell = codec.encode_message(codec.TELL, ["counter"], "add")
+    ask = codec.encode_message(codec.ASK, ["counter", 1], "get")
+    for attack in ("inject", "replay", "reorder"):
+        session, sock, sealer, opener = await authenticated_raw(url, f"mallory-{attack}")
+        try:
+            (told,) = sealed(sealer, tell)
+            await sock.send_bytes(told)
+            for message in sealed(sealer, ask):  # a sealed ask is answered, sealed
+                await sock.send_bytes(message)
+            frames = []
+            while len(frames) < 2:  # the node's hello, then the answer
+                message = await asyncio.wait_for(sock.receive(), 5)
+                frames += FrameDecoder().feed(opener.open(message.data))
+            assert codec.decode_message(frames[1], node.ref)[1] >= 1
+            if attack == "inject":  # a valid frame with a made-up tag
+                await sock.send_bytes(b"".join(tell.pieces(1 << 20)) + bytes(16))
+            elif attack == "replay":
+                await sock.send_bytes(told)
+            else:
+                first, second = sealed(sealer, tell), sealed(sealer, tell)
+                await sock.send_bytes(second[0])
+                await sock.send_bytes(first[0])
+            message = await asyncio.wait_for(sock.receive(), 5)
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert sock.close_code == ws.CLOSE_AUTH
+        finally:
+            await session.close()
+    assert node.actor("counter").count == 3  # one tell per connection, nothing more
+
+
+async def raw_upgrade(url):
+    """A TCP connection that has asked for a websocket, as an attacker would, with the
+    server's challenge read; frames are then written by hand."""
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET {ws.PATH} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    opcode, challenge = await read_ws_frame(reader)
+    assert opcode == 1 and b"challenge" in challenge
+    return reader, writer
+
+
+async def read_ws_frame(reader):
+    first, second = await reader.readexactly(2)
+    n = second & 0x7F
+    if n == 126:
+        (n,) = struct.unpack(">H", await reader.readexactly(2))
+    elif n == 127:
+        (n,) = struct.unpack(">Q", await reader.readexactly(8))
+    return first & 0x0F, await reader.readexactly(n)
+
+
+async def test_before_authentication_messages_are_small(server):
+    """A text frame announced at 1 MiB is refused on its header: nothing is buffered
+    for it (it used to be held, growing, until the handshake timed out)."""
+    node, url = server
+    reader, writer = await raw_upgrade(url)
+    try:
+        writer.write(bytes([0x81, 0x80 | 127]) + struct.pack(">Q", 1 << 20) + os.urandom(4)
+                     + b"{" * 1000)
+        opcode, payload = await asyncio.wait_for(read_ws_frame(reader), 5)
+        assert opcode == 8 and struct.unpack(">H", payload[:2])[0] == ws.CLOSE_TOO_BIG
+    finally:
+        writer.close()
+    assert node.peers() == []
+
+
+@pytest.mark.parametrize("hello", [
+    "[" * 2000 + "]" * 2000,  # nested past Python's recursion limit
+    json.dumps({"asyncdb": 2, "node": "n" * 3000, "nonce": "0" * 64, "proof": "0" * 64}),
+    json.dumps({"asyncdb": 2, "node": "x y", "nonce": "0" * 64, "proof": "0" * 64}),
+])
+async def test_bad_handshakes_get_a_clean_4401(server, caplog, hello):
+    node, url = server
+    session, sock = await raw_socket(url)
+    try:
+        await sock.receive()  # the challenge
+        await sock.send_str(hello)
+        message = await asyncio.wait_for(sock.receive(), 5)
+        assert message.type == aiohttp.WSMsgType.CLOSE and sock.close_code == ws.CLOSE_AUTH
+    finally:
+        await session.close()
+    assert node.peers() == []
+    assert "refused" in caplog.text
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert all(len(r.getMessage()) < 400 for r in caplog.records)
+
+
+async def test_protocol_versions_must_match_on_both_sides(server, caplog):
+    _node, url = server
+    session, sock = await raw_socket(url)
+    try:
+        await sock.receive()
+        await sock.send_str(json.dumps({"asyncdb": 1, "node": "old", "nonce": "0" * 64,
+                                        "proof": "0" * 64}))
+        message = await asyncio.wait_for(sock.receive(), 5)
+        assert sock.close_code == ws.CLOSE_VERSION
+        assert "protocol 2, the peer 1" in message.extra
+    finally:
+        await session.close()
+    assert "protocol 2, the peer 1" in caplog.text
+
+    async def old_server(request):  # a node of another version, as a client sees it
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        await sock.send_str(json.dumps({"asyncdb": 3, "challenge": "c", "node": "future"}))
+        closed.set_result(await sock.receive())
+        return sock
+
+    closed = asyncio.get_running_loop().create_future()
+    app = web.Application()
+    app.router.add_get(ws.PATH, old_server)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        with pytest.raises(asyncdb.VersionMismatch, match="protocol 2, the peer 3"):
+            await ws.connect(f"ws://127.0.0.1:{ws.bound_port(runner)}", SECRET, "client")
+        message = await asyncio.wait_for(closed, 5)
+        assert message.data == ws.CLOSE_VERSION and "protocol 2" in message.extra
+    finally:
+        await runner.cleanup()
 
 
 async def test_peer_going_away_surfaces_as_channel_closed(server):
@@ -148,13 +303,23 @@ async def test_peer_going_away_surfaces_as_channel_closed(server):
 # -- real `asyncdb serve` processes -----------------------------------------------
 
 
+def secret_file(tmp: Path, secret: bytes = SECRET) -> Path:
+    path = tmp / "secret"
+    path.write_bytes(secret)
+    path.chmod(0o600)
+    return path
+
+
 class Serve:
-    def __init__(self, tmp: Path, name: str, *extra: str) -> None:
-        secret_file = tmp / "secret"
-        secret_file.write_bytes(SECRET)
+    def __init__(self, tmp: Path, name: str, *extra: str, nofile: int | None = None) -> None:
+        python = [sys.executable, "-m", "asyncdb"]
+        if nofile is not None:  # a low descriptor limit in the serve process alone
+            python = [sys.executable, "-c", "import resource, sys; "
+                      f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
+                      "from asyncdb.cli import main; sys.exit(main(sys.argv[1:]))"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0",
-             "--secret-file", str(secret_file), "--name", name, *extra],
+            [*python, "serve", "--listen", "127.0.0.1:0",
+             "--secret-file", str(secret_file(tmp)), "--name", name, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -171,6 +336,7 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.errors = self.proc.stderr.read() if self.proc.stderr else ""
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
@@ -262,6 +428,33 @@ async def test_a_peer_cannot_read_a_file_on_a_serve_host(tmp_path):
         peer.stop()
 
 
+@pytest.mark.slow
+async def test_junk_connections_do_not_lock_peers_out(tmp_path):
+    """300 connections that never finish their HTTP headers, against a serve node
+    allowed 128 descriptors: a real peer still gets in, and the junk is dropped."""
+    peer = Serve(tmp_path, "guarded", "--auth-timeout", "3", nofile=128)
+    junk = []
+    try:
+        host, port = peer.url.removeprefix("ws://").rsplit(":", 1)
+        for _ in range(300):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /asyncdb HTTP/1.1\r\nHost: x\r\n")  # never finished
+            junk.append((reader, writer))
+        async with asyncdb.Node("legit", ask_timeout=20) as node:
+            channel = await asyncio.wait_for(ws.connect(peer.url, SECRET, node.id), 30)
+            node.connect(channel.peer, channel)
+            ping = await node.ref("guarded", "_system").ask({"op": "ping"})
+            assert ping["node"] == "guarded"
+        # Every junk connection is closed by the server: pushed out, or timed out.
+        await asyncio.wait_for(asyncio.gather(*(r.read() for r, _w in junk)), 60)
+        assert peer.proc.poll() is None
+    finally:
+        for _reader, writer in junk:
+            writer.close()
+        peer.stop()
+    assert "dropped a connection" in peer.errors and "Too many open files" not in peer.errors
+
+
 def make_certificate(tmp: Path) -> tuple[Path, Path]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -288,10 +481,17 @@ async def test_tls_peers(tmp_path):
 def test_serve_refuses_bad_settings(tmp_path):
     short = tmp_path / "short"
     short.write_bytes(b"tiny")
+    short.chmod(0o600)
     out = subprocess.run([sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0",
                           "--secret-file", str(short)], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 1 and "at least 16 bytes" in out.stderr
+    shared = secret_file(tmp_path)
+    shared.chmod(0o640)  # readable by the group: refused, as ssh refuses such keys
+    out = subprocess.run([sys.executable, "-m", "asyncdb", "serve", "--listen", "127.0.0.1:0",
+                          "--secret-file", str(shared)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1 and "chmod 600" in out.stderr and "0640" in out.stderr
     out = subprocess.run([sys.executable, "-m", "asyncdb", "serve", "--listen", "nope",
                           "--secret-file", str(short)], capture_output=True, text=True,
                          timeout=30)
@@ -299,7 +499,7 @@ def test_serve_refuses_bad_settings(tmp_path):
 
 
 def test_secret_is_not_guessable():
-    assert ws._proof(SECRET, "client", "c", "n", "x") != ws._proof(
+    assert wsauth.proof(SECRET, "client", "c", "n", "x") != wsauth.proof(
         secrets.token_bytes(32), "client", "c", "n", "x")
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from . import inproc, shared, shm, ws
 from .base import Channel, open_pair, register_transport, transport_schemes
-from .errors import AsyncDBError, AuthenticationError, ChannelClosed, DecodeError, MessageTooLarge
+from .errors import (
+    AsyncDBError,
+    AuthenticationError,
+    ChannelClosed,
+    DecodeError,
+    MessageTooLarge,
+    VersionMismatch,
+)
 from .frame import Frame, FrameDecoder, OutFrame, encode_frame, parse_frame
 from .inproc import InprocChannel
 from .shm import ShmChannel, ShmEndpoint, create_link
@@ -24,6 +31,7 @@ __all__ = [
     "OutFrame",
     "ShmChannel",
     "ShmEndpoint",
+    "VersionMismatch",
     "WsChannel",
     "create_link",
     "encode_frame",

@@ -28,3 +28,8 @@ class MessageTooLarge(DecodeError):
 
 class AuthenticationError(AsyncDBError, PermissionError):
     """Raised when a peer fails the shared-secret challenge, or when this side does."""
+
+
+class VersionMismatch(AuthenticationError):
+    """Raised when a peer speaks another version of the asyncdb wire protocol; both
+    sides say which versions they speak."""

@@ -359,11 +359,11 @@ class FrameDecoder:
     """Turns a byte stream into frames: `feed(bytes) -> list[Frame]`.
 
     A frame's bytes are copied once, into a buffer of the frame's own size; its arrays
-    are views into that buffer. Where a fed `bytes` object is exactly one array's
-    buffer (a sender that sends each array as a message of its own), that array is
-    read from the object itself, read-only, with no copy. After a `DecodeError` the
-    stream cannot be trusted to be in step, so every later `feed` raises again: close
-    the connection.
+    are views into that buffer. Where a fed `bytes` object (or a memoryview of one) is
+    exactly one array's buffer (a sender that sends each array as a message of its
+    own), that array is read from the object itself, read-only, with no copy. After a
+    `DecodeError` the stream cannot be trusted to be in step, so every later `feed`
+    raises again: close the connection.
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -375,7 +375,7 @@ class FrameDecoder:
         self._filled = 0
         self._error: DecodeError | None = None
         self._spans: dict[int, int] | None = None  # array offset -> nbytes, once known
-        self._adopted: dict[int, bytes] = {}
+        self._adopted: dict[int, bytes | bytearray | memoryview] = {}
         self._data: bytes | bytearray | memoryview = b""
 
     @property
@@ -417,7 +417,7 @@ class FrameDecoder:
                 spans = array_spans(body[: self._filled])
                 if spans is not None:
                     self._spans = dict(spans)
-            if (i == 0 and isinstance(self._data, bytes) and self._spans
+            if (i == 0 and _immutable(self._data) and self._spans
                     and self._spans.get(self._filled) == n):
                 self._adopted[self._filled] = self._data  # the whole message is one array
                 self._filled += n
@@ -443,3 +443,9 @@ class FrameDecoder:
                     frame.arrays[index] = np.frombuffer(data, old.dtype).reshape(old.shape)
         self._adopted = {}
         return frame
+
+
+def _immutable(data: bytes | bytearray | memoryview) -> bool:
+    """Whether `data` can never change under an array made on it."""
+    return isinstance(data, bytes) or (isinstance(data, memoryview)
+                                       and isinstance(data.obj, bytes))

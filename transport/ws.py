@@ -4,34 +4,48 @@ The frames are the same as on every transport; a frame travels as consecutive bi
 websocket messages of at most `PIECE_BYTES` (large arrays as zero-copy slices), and the
 receiver's `FrameDecoder` puts them back together. Compression is off.
 
-Before any frame, both sides prove they hold the shared secret (HMAC-SHA256 over fresh
-nonces from both sides and both node names): the server challenges, the client answers
-and challenges back. A peer that fails is disconnected (close code 4401) and nothing it
-sent is acted on. Heartbeats find a dead peer in seconds; a frame over the size limit
-closes that connection with code 1009, a malformed one with 1007, each with the reason.
+Before any frame, both sides prove they hold the shared secret, and after it every
+message carries a keyed tag with its sequence number (`transport.wsauth`). A peer that
+fails is disconnected (close code 4401; 4426 for another protocol version) and nothing
+it sent is acted on. Before authentication a server holds little for anyone: messages
+of at most `HANDSHAKE_BYTES`, `auth_timeout` seconds from accepting the connection to
+authenticating it, at most `max_pending` such connections (a newcomer pushes the
+oldest out), and what it logs of them cut short. Heartbeats find a dead peer in
+seconds; a frame over the size limit closes that connection with code 1009, a
+malformed one with 1007, each with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
+import resource
 import secrets
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_websocket import WebSocketReader
+from aiohttp.web_protocol import RequestHandler
 
+from . import wsauth
 from .base import Channel, register_transport
-from .errors import AuthenticationError, ChannelClosed, DecodeError, MessageTooLarge
+from .errors import (
+    AuthenticationError,
+    ChannelClosed,
+    DecodeError,
+    MessageTooLarge,
+    VersionMismatch,
+)
 from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, OutFrame
 from .pool import BufferPool
+from .wsauth import Opener, Sealer, short
 
 log = logging.getLogger("asyncdb.transport.ws")
 
@@ -39,18 +53,16 @@ PIECE_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = PIECE_BYTES + (64 << 10)
 DEFAULT_HEARTBEAT = 5.0
 AUTH_TIMEOUT = 10.0
+DEFAULT_MAX_PENDING = 64
 CLOSE_WAIT = 1.0  # how long a close waits for the peer's close frame
 PATH = "/asyncdb"
 CLOSE_AUTH = 4401
+CLOSE_VERSION = 4426
 CLOSE_TOO_BIG = 1009
 CLOSE_INVALID = 1007
 
 Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-def _proof(secret: bytes, role: str, challenge: str, nonce: str, node: str) -> str:
-    text = f"asyncdb-v1|{role}|{challenge}|{nonce}|{node}".encode()
-    return hmac.new(secret, text, hashlib.sha256).hexdigest()
+Keys = tuple[bytes, bytes]  # (key of what this side sends, key of what it receives)
 
 
 class WsChannel(Channel):
@@ -58,12 +70,14 @@ class WsChannel(Channel):
 
     scheme = "ws"
 
-    def __init__(self, ws: Socket, peer: str,
+    def __init__(self, ws: Socket, peer: str, keys: Keys,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.ws = ws
         self.peer = peer
         self.max_frame_bytes = max_frame_bytes
+        self._sealer = Sealer(keys[0])
+        self._opener = Opener(keys[1])
         self._decoder = FrameDecoder(max_frame_bytes, BufferPool())
         self._inbox: deque[Frame] = deque()
         self._send_lock = asyncio.Lock()
@@ -88,9 +102,7 @@ class WsChannel(Channel):
         try:
             async with self._send_lock:  # the pieces of one frame must not interleave
                 for piece in frame.pieces(PIECE_BYTES):
-                    # aiohttp takes any bytes-like object, memoryviews included (it
-                    # checks at run time); its annotation says bytes.
-                    await self.ws.send_bytes(piece)  # type: ignore[arg-type]
+                    await self.ws.send_bytes(self._sealer.seal(piece))
         except (ConnectionError, RuntimeError) as exc:
             await self._finish(f"({exc})")
             raise ChannelClosed(f"websocket to {self.peer} broke: {exc}") from exc
@@ -101,13 +113,7 @@ class WsChannel(Channel):
                 raise ChannelClosed(f"websocket to {self.peer} is closed {self._reason}".rstrip())
             message = await self.ws.receive()
             if message.type == aiohttp.WSMsgType.BINARY:
-                try:
-                    self._inbox.extend(self._decoder.feed(message.data))
-                except DecodeError as exc:
-                    code = CLOSE_TOO_BIG if isinstance(exc, MessageTooLarge) else CLOSE_INVALID
-                    log.warning("closing websocket from %s: %s", self.peer, exc)
-                    await self._close(code, str(exc))
-                    raise ChannelClosed(f"closed the websocket from {self.peer}: {exc}") from exc
+                await self._take(message.data)
             elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                                   aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                 extra = message.extra if message.type != aiohttp.WSMsgType.ERROR else message.data
@@ -116,6 +122,16 @@ class WsChannel(Channel):
                 await self._close(CLOSE_INVALID, "only binary frames are accepted")
                 raise ChannelClosed(f"{self.peer} sent a {message.type.name} message")
         return self._inbox.popleft()
+
+    async def _take(self, data: bytes) -> None:
+        try:
+            self._inbox.extend(self._decoder.feed(self._opener.open(data)))
+        except (DecodeError, AuthenticationError) as exc:
+            code = (CLOSE_AUTH if isinstance(exc, AuthenticationError) else
+                    CLOSE_TOO_BIG if isinstance(exc, MessageTooLarge) else CLOSE_INVALID)
+            log.warning("closing websocket from %s: %s", short(self.peer), exc)
+            await self._close(code, str(exc))
+            raise ChannelClosed(f"closed the websocket from {self.peer}: {exc}") from exc
 
     async def close(self) -> None:
         await self._close(1000, "bye")
@@ -139,41 +155,55 @@ class WsChannel(Channel):
                 await self._on_close()
 
 
-def _fields(message: aiohttp.WSMessage, *names: str) -> list[str]:
-    """The named string fields of a JSON text message; AuthenticationError if absent."""
-    try:
-        if message.type != aiohttp.WSMsgType.TEXT:
-            raise TypeError(message.type)
-        data = json.loads(message.data)
-        return [str(data[name]) for name in names]
-    except (TypeError, KeyError, ValueError):
-        raise AuthenticationError(f"expected a handshake message with {names}") from None
+async def _text(ws: Socket, timeout: float) -> str:
+    message = await ws.receive(timeout=timeout)
+    if message.type != aiohttp.WSMsgType.TEXT:
+        raise AuthenticationError(f"the peer sent no handshake message ({message.type.name}"
+                                  f"{': ' + short(message.extra, 60) if message.extra else ''})")
+    return str(message.data)
 
 
-async def _server_handshake(ws: web.WebSocketResponse, secret: bytes, node: str) -> str:
+async def _server_handshake(ws: web.WebSocketResponse, secret: bytes,
+                            node: str) -> tuple[str, str, str]:
+    """Challenge the client and check its answer; (peer, challenge, nonce)."""
     challenge = secrets.token_hex(32)
-    await ws.send_str(json.dumps({"asyncdb": 1, "challenge": challenge, "node": node}))
-    peer, nonce, proof = _fields(await ws.receive(timeout=AUTH_TIMEOUT),
-                                 "node", "nonce", "proof")
-    if not hmac.compare_digest(proof, _proof(secret, "client", challenge, nonce, peer)):
-        raise AuthenticationError(f"peer calling itself {peer!r} failed the challenge")
-    await ws.send_str(json.dumps({"proof": _proof(secret, "server", challenge, nonce, node)}))
-    return peer
+    await ws.send_str(json.dumps({"asyncdb": wsauth.PROTOCOL, "challenge": challenge,
+                                  "node": node}))
+    peer, nonce, proof = wsauth.parse(await _text(ws, AUTH_TIMEOUT), "node", "nonce",
+                                      "proof", version=True)
+    wsauth.check_name(peer)
+    wsauth.check_nonce(nonce)
+    expected = wsauth.proof(secret, "client", challenge, nonce, peer)
+    if not secrets.compare_digest(proof, expected):
+        raise AuthenticationError(f"peer calling itself {short(peer)!r} failed the challenge")
+    return peer, challenge, nonce
 
 
 async def _client_handshake(ws: aiohttp.ClientWebSocketResponse, secret: bytes,
-                            node: str) -> str:
-    challenge, peer = _fields(await ws.receive(timeout=AUTH_TIMEOUT), "challenge", "node")
+                            node: str) -> tuple[str, Keys]:
+    """Answer the server's challenge and check its proof; (peer, keys)."""
+    try:
+        challenge, peer = wsauth.parse(await _text(ws, AUTH_TIMEOUT), "challenge", "node",
+                                       version=True)
+    except VersionMismatch as exc:
+        await ws.close(code=CLOSE_VERSION, message=str(exc).encode()[:120])
+        raise
+    wsauth.check_name(peer)
     nonce = secrets.token_hex(32)
-    await ws.send_str(json.dumps({"node": node, "nonce": nonce,
-                                  "proof": _proof(secret, "client", challenge, nonce, node)}))
+    await ws.send_str(json.dumps({
+        "asyncdb": wsauth.PROTOCOL, "node": node, "nonce": nonce,
+        "proof": wsauth.proof(secret, "client", challenge, nonce, node)}))
     message = await ws.receive(timeout=AUTH_TIMEOUT)
     if message.type != aiohttp.WSMsgType.TEXT:
+        if ws.close_code == CLOSE_VERSION:
+            raise VersionMismatch(f"server {peer!r} refused us: {message.extra}")
         raise AuthenticationError(f"server {peer!r} refused us (wrong secret?)")
-    (proof,) = _fields(message, "proof")
-    if not hmac.compare_digest(proof, _proof(secret, "server", challenge, nonce, peer)):
+    (proof,) = wsauth.parse(message.data, "proof")
+    if not secrets.compare_digest(proof, wsauth.proof(secret, "server", challenge, nonce,
+                                                      peer)):
         raise AuthenticationError(f"server {peer!r} failed the challenge")
-    return peer
+    to_server, to_client = wsauth.session_keys(secret, challenge, nonce, peer, node)
+    return peer, (to_server, to_client)
 
 
 async def connect(url: str, secret: bytes, node: str, *,
@@ -190,8 +220,8 @@ async def connect(url: str, secret: bytes, node: str, *,
                                       ssl=ssl_context if ssl_context is not None else True,
                                       autoping=True)
         try:
-            peer = await asyncio.wait_for(_client_handshake(ws, secret, node),
-                                          AUTH_TIMEOUT)
+            peer, keys = await asyncio.wait_for(_client_handshake(ws, secret, node),
+                                                AUTH_TIMEOUT)
         except (AuthenticationError, TimeoutError) as exc:
             await ws.close()
             if isinstance(exc, AuthenticationError):
@@ -203,51 +233,152 @@ async def connect(url: str, secret: bytes, node: str, *,
                 exc, AuthenticationError):
             raise ChannelClosed(f"cannot connect to {url}: {exc}") from exc
         raise
-    return WsChannel(ws, peer, max_frame_bytes, on_close=session.close)
+    return WsChannel(ws, peer, keys, max_frame_bytes, on_close=session.close)
 
 
 Accept = Callable[[str, WsChannel], Awaitable[None]]
 
 
-def make_app(secret: bytes, node: str, on_channel: Accept, *,
-             heartbeat: float = DEFAULT_HEARTBEAT,
-             max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> web.Application:
-    """An aiohttp app accepting authenticated peers at PATH; `on_channel(peer, channel)`
-    is called for each and the connection lives until the channel closes."""
+class _Throttled:
+    """Log at most one line per `period` seconds, counting the ones left out."""
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    def __init__(self, period: float = 1.0) -> None:
+        self.period = period
+        self._last = -period
+        self._skipped = 0
+
+    def warning(self, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.period:
+            self._skipped += 1
+            return
+        if self._skipped:
+            text += f" (and {self._skipped} more since the last such line)"
+        self._last, self._skipped = now, 0
+        log.warning(text, *args)
+
+
+class Gate(web.Server):
+    """aiohttp's server, minding connections that are not authenticated yet: each has
+    `auth_timeout` seconds from its accept (HTTP headers and handshake included), and
+    beyond `max_pending` of them the oldest is dropped to make room."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 *, auth_timeout: float, max_pending: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.auth_timeout = auth_timeout
+        self.max_pending = max(1, min(max_pending, _fd_budget()))
+        self._pending: dict[RequestHandler, asyncio.TimerHandle] = {}
+        self._log = _Throttled()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        while len(self._pending) >= self.max_pending:
+            self._drop(next(iter(self._pending)), f"over {self.max_pending} connections "
+                       "waiting to authenticate")
+        self._pending[handler] = asyncio.get_running_loop().call_later(
+            self.auth_timeout, self._drop, handler,
+            f"not authenticated within {self.auth_timeout:g} s")
+
+    def connection_lost(self, handler: RequestHandler,
+                        exc: BaseException | None = None) -> None:
+        timer = self._pending.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(handler, exc)
+
+    def admit(self, handler: RequestHandler) -> None:
+        """`handler`'s connection is authenticated: no deadline, not pending."""
+        timer = self._pending.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _drop(self, handler: RequestHandler, why: str) -> None:
+        self.admit(handler)
+        transport = handler.transport
+        if transport is not None:
+            self._log.warning("dropped a connection from %s: %s",
+                              short(transport.get_extra_info("peername"), 60), why)
+            transport.abort()
+
+
+def _fd_budget() -> int:
+    """How many pending connections this process's descriptor limit leaves room for."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(4, (soft - 64) // 2)
+
+
+def _lift_message_limit(ws: web.WebSocketResponse, request: web.BaseRequest,
+                        limit: int) -> None:
+    """Give an authenticated connection the full message size: a new websocket parser
+    on the same queue, set while the client waits for our proof (nothing in flight).
+    aiohttp fixes the limit when the response is prepared, so this reaches into it;
+    tests/test_ws.py checks both limits."""
+    queue = ws._reader
+    assert queue is not None  # set by prepare()
+    parser = WebSocketReader(queue, limit, compress=False, decode_text=True)
+    ws._parser = parser
+    request.protocol._payload_parser = parser
+
+
+def make_server(secret: bytes, node: str, on_channel: Accept, *,
+                heartbeat: float = DEFAULT_HEARTBEAT,
+                max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                auth_timeout: float = AUTH_TIMEOUT,
+                max_pending: int = DEFAULT_MAX_PENDING) -> Gate:
+    """An aiohttp server accepting authenticated peers at PATH; `on_channel(peer,
+    channel)` is called for each and the connection lives until the channel closes."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path != PATH or request.method != "GET":
+            return web.Response(status=404)
         ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False,
-                                   max_msg_size=MAX_MESSAGE_BYTES)
+                                   max_msg_size=wsauth.HANDSHAKE_BYTES)
         await ws.prepare(request)
         try:
-            peer = await asyncio.wait_for(_server_handshake(ws, secret, node), AUTH_TIMEOUT)
+            peer, challenge, nonce = await asyncio.wait_for(
+                _server_handshake(ws, secret, node), auth_timeout)
         except (AuthenticationError, TimeoutError, asyncio.CancelledError) as exc:
-            log.warning("refused %s: %s", request.remote,
-                        exc if str(exc) else "no answer to the challenge")
-            await ws.close(code=CLOSE_AUTH, message=b"authentication failed")
+            code = CLOSE_VERSION if isinstance(exc, VersionMismatch) else CLOSE_AUTH
+            gate._log.warning("refused %s: %s", request.remote,
+                              short(exc, 200) if str(exc) else "no answer to the challenge")
+            with contextlib.suppress(Exception):
+                reason = str(exc) if code == CLOSE_VERSION else "authentication failed"
+                await ws.close(code=code, message=reason.encode()[:120])
             return ws
-        channel = WsChannel(ws, peer, max_frame_bytes)
+        to_server, to_client = wsauth.session_keys(secret, challenge, nonce, node, peer)
+        _lift_message_limit(ws, request, MAX_MESSAGE_BYTES)
+        gate.admit(request.protocol)
+        await ws.send_str(json.dumps({
+            "proof": wsauth.proof(secret, "server", challenge, nonce, node)}))
+        channel = WsChannel(ws, peer, (to_client, to_server), max_frame_bytes)  # send, receive
         await on_channel(peer, channel)
         await channel.wait_closed()
         return ws
 
-    app = web.Application()
-    app.router.add_get(PATH, handler)
-    return app
+    gate = Gate(handler, auth_timeout=auth_timeout, max_pending=max_pending,
+                access_log=None, max_headers=32)
+    return gate
 
 
 async def listen(host: str, port: int, secret: bytes, node: str, on_channel: Accept, *,
-                 ssl_context: ssl.SSLContext | None = None, **options: Any) -> web.AppRunner:
-    """Serve `make_app` on host:port; returns the runner (`await runner.cleanup()`)."""
-    runner = web.AppRunner(make_app(secret, node, on_channel, **options),
-                           handle_signals=False, access_log=None)
+                 ssl_context: ssl.SSLContext | None = None, **options: Any) -> web.BaseRunner:
+    """Serve `make_server` on host:port; returns the runner (`await runner.cleanup()`)."""
+    runner = web.ServerRunner(make_server(secret, node, on_channel, **options),
+                              handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner
 
 
-def bound_port(runner: web.AppRunner) -> int:
+def bound_port(runner: web.BaseRunner) -> int:
     """The port a runner listens on (after binding port 0)."""
     for site in runner.sites:
         server = getattr(site, "_server", None)

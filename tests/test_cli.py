@@ -126,6 +126,7 @@ def test_own_data_in_trained_model_out(tmp_path):
 def test_input_errors_are_one_line(tmp_path, args, message):
     secret = tmp_path / "secret"
     secret.write_text("s" * 32)
+    secret.chmod(0o600)
     out = asyncdb_cli(*(a.format(secret=secret) for a in args), cwd=tmp_path)
     assert out.returncode in (1, 2)
     lines = out.stderr.strip().splitlines()
@@ -137,6 +138,7 @@ def test_input_errors_are_one_line(tmp_path, args, message):
 def test_serve_on_a_port_in_use_is_one_line(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("s" * 32)
+    secret.chmod(0o600)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -25,6 +25,7 @@ from .errors import (
     MessageTooLarge,
     RemoteTraceback,
     Timeout,
+    TrainingFailed,
     UpdateRejected,
     VersionMismatch,
 )
@@ -35,6 +36,7 @@ from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
 from .runs import Run, SavedModel, load
+from .sandblaster import Sandblaster
 from .shard import ParameterShard
 from .shard_client import ShardCheckpoint, ShardClient
 from .supervisor import Policy, Supervisor
@@ -70,11 +72,13 @@ __all__ = [
     "RemoteTraceback",
     "Replica",
     "Run",
+    "Sandblaster",
     "SavedModel",
     "ShardCheckpoint",
     "ShardClient",
     "Supervisor",
     "Timeout",
+    "TrainingFailed",
     "UpdateRejected",
     "UpdateRule",
     "VersionMismatch",

@@ -49,6 +49,14 @@ def _bench(args: argparse.Namespace) -> int:
                                        "colocate": args.colocate}.items()
                      if v is not None}
         result = run(downpour.run(downpour.Settings(**overrides), repeat=args.repeat or 3))
+    elif args.what == "sandblaster":
+        from .bench import sandblaster
+
+        result = run(sandblaster.run(repeat=args.repeat or 3))
+    elif args.what == "modelparallel":
+        from .bench import modelparallel
+
+        result = run(modelparallel.run(repeat=args.repeat or 3))
     else:
         raise SystemExit(f"unknown benchmark {args.what!r}")
     _print_result(result, args.json)
@@ -178,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
-    bench.add_argument("what", choices=["transport", "downpour"])
+    bench.add_argument("what", choices=["transport", "downpour", "modelparallel",
+                                        "sandblaster"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument("--repeat", type=int, default=None,
-                       help="runs per figure, medians reported (transport 5, downpour 3)")
+                       help="runs per figure, medians reported (transport 5, downpour 3, "
+                            "modelparallel 3, sandblaster 3)")
     bench.add_argument("--examples", type=int, help="downpour: training examples")
     bench.add_argument("--shards", type=int, help="downpour: parameter shards")
     bench.add_argument("--n-fetch", type=int, help="downpour: steps between fetches")

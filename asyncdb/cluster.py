@@ -25,13 +25,15 @@ from .coordinator import Coordinator, Progress
 from .datasets import Dataset
 from .downpour import Downpour, Replica
 from .errors import ConfigError
+from .lbfgs import train_sandblaster
 from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import Adagrad, UpdateRule
-from .params import Layout, PartitionedLayout, layout_of
+from .params import Layout, ParameterLayout, PartitionedLayout, layout_of
 from .placement import InProcess, LocalProcesses, Placement, RemotePeers, split_rows
 from .process import LocalNodes
 from .runs import Run
+from .sandblaster import Sandblaster
 from .shard import ParameterShard, fetch_parameters
 from .shard_client import ShardClient
 
@@ -146,8 +148,9 @@ class Cluster:
             await self.node.close()
 
     async def train(self, model: Model, data: Dataset, *,
-                    algorithm: Downpour | None = None, optimizer: UpdateRule | None = None,
-                    epochs: float = 1.0, steps: int | None = None, seed: int = 0,
+                    algorithm: Downpour | Sandblaster | None = None,
+                    optimizer: UpdateRule | None = None,
+                    epochs: float | None = 1.0, steps: int | None = None, seed: int = 0,
                     eval_every: float = 2.0, eval_rows: int = 2000,
                     engine: str = "blocked", shard_threads: int | None = None,
                     on_progress: Progress | None = None) -> Run:
@@ -159,6 +162,10 @@ class Cluster:
         node = self.node
         if node is None:
             raise ConfigError("use the cluster inside `async with`")
+        if isinstance(algorithm, Sandblaster):
+            return await self._train_sandblaster(model, data, algorithm, epochs, steps,
+                                                 optimizer, seed, on_progress)
+        epochs = 1.0 if epochs is None else epochs
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
         check_fit(model, data)
@@ -266,6 +273,39 @@ class Cluster:
         if self._live is not None:
             _, shards, bounds = self._live
             await ShardClient(shards, bounds).stop()
+
+    async def _train_sandblaster(self, model: Model, data: Dataset, algorithm: Sandblaster,
+                                 epochs: float | None, steps: int | None,
+                                 optimizer: UpdateRule | None, seed: int,
+                                 on_progress: Progress | None) -> Run:
+        """Sandblaster L-BFGS: counts iterations (`algorithm.iterations`), not epochs."""
+        if epochs is not None or steps is not None or optimizer is not None:
+            raise ConfigError("Sandblaster counts iterations, not epochs or steps, and has "
+                              "no update rule: pass epochs=None and no steps or optimizer")
+        if self.partitions != 1:
+            raise ConfigError("Sandblaster runs whole replicas: use partitions=1")
+        assert self.node is not None
+        layout = ParameterLayout(model.param_shapes())
+
+        def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
+            self._live = (layout, shards, bounds)
+
+        try:
+            result = await train_sandblaster(self.node, self.placement, self.shards,
+                                             self.replicas, model, data, algorithm, seed=seed,
+                                             on_progress=on_progress, on_shards=live)
+        finally:
+            self._live = None
+        return Run(
+            history=result["history"], params=dict(layout.views(np.array(result["params"]))),
+            replicas={int(k): v for k, v in result["replicas"].items()},
+            shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
+            config={"mode": self.placement.name, "shards": self.shards,
+                    "replicas": self.replicas, "model": model.to_config(),
+                    "algorithm": {"name": "sandblaster", **algorithm.to_config()},
+                    "seed": seed, "data": data.name, "features": data.n_features,
+                    "classes": data.n_classes},
+            preprocessing=data.preprocessing)
 
     async def parameters(self) -> dict[str, np.ndarray]:
         """The current parameters of the run in progress, fetched from its shards."""

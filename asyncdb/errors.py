@@ -29,6 +29,7 @@ __all__ = [
     "MessageTooLarge",
     "RemoteTraceback",
     "Timeout",
+    "TrainingFailed",
     "UpdateRejected",
     "VersionMismatch",
     "error_from_remote",
@@ -111,3 +112,8 @@ def error_from_remote(info: dict[str, str]) -> AsyncDBError:
     if trace:
         error.__cause__ = RemoteTraceback(trace)
     return error
+
+
+class TrainingFailed(AsyncDBError):
+    """Raised by `Cluster.train` when a run cannot go on: every replica was lost, or
+    the shards refused the run's state."""

@@ -27,169 +27,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from asyncdb.models import Model
-from asyncdb.models.partition import Partition as Share
-from asyncdb.models.partition import Span, overlap, softmax_cross_entropy
+from asyncdb.models.partition import Span, softmax_cross_entropy
 from asyncdb.transport import shared
 
 from .actor import Actor, ActorRef
 from .downpour import Replica
-from .errors import ActorDead, AsyncDBError, ChannelClosed, ConfigError, Timeout
+from .errors import ActorDead, AsyncDBError, ChannelClosed, ConfigError
+from .exchange import Buffers, Exchange, Key, PartitionInbox, PartitionLink, exchange_plan
 from .params import ParameterLayout
 from .registry import register_actor
 from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.modelparallel")
-
-Key = tuple[str, int, int]  # (kind, layer, source partition)
-EARLY_MAX = 1024  # arrivals kept until their buffers exist (one step's worth is plenty)
-
-
-class Exchange:
-    """Arrivals from peer partitions: where each goes (one buffer per step parity),
-    which step last arrived, and the coroutine waiting for a set of them."""
-
-    def __init__(self, timeout: float | None) -> None:
-        self.timeout = timeout
-        self.targets: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-        self.arrived: dict[tuple[Key, int], int] = {}
-        self.error: BaseException | None = None
-        self.wait_seconds = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        # Arrivals for buffers not made yet (a peer began its first step sooner).
-        self._early: list[tuple[Key, int, np.ndarray]] = []
-
-    def expect(self, key: Key, buffers: tuple[np.ndarray, np.ndarray]) -> None:
-        self.targets[key] = buffers
-        early = [e for e in self._early if e[0] == key]
-        self._early = [e for e in self._early if e[0] != key]
-        for _key, step, data in early:
-            self.deliver(key, step, data)
-
-    def deliver(self, key: Key, step: int, data: np.ndarray) -> None:
-        buffers = self.targets.get(key)
-        target = None if buffers is None else buffers[step % 2]
-        if target is None or data.shape != target.shape or data.dtype != target.dtype:
-            if len(self._early) >= EARLY_MAX:
-                raise ConfigError(f"partition exchange: nothing expected for {key}, "
-                                  f"{data.dtype}{data.shape}")
-            self._early.append((key, step, np.array(data)))
-            return
-        if self.arrived.get((key, step % 2), -1) >= step:
-            raise ConfigError(f"partition exchange: {key} for step {step} arrived twice")
-        target[...] = data
-        self.arrived[(key, step % 2)] = step
-        self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def wait(self, keys: list[Key], step: int) -> None:
-        """Until every key has arrived for `step`; raises what `fail` was given, or
-        `Timeout` when the peers stay silent for `timeout` seconds."""
-        began = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                while True:
-                    if self.error is not None:
-                        raise self.error
-                    if all(self.arrived.get((k, step % 2)) == step for k in keys):
-                        return
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    await self._waiter
-        except TimeoutError as exc:
-            raise Timeout(f"partition peers sent nothing for {self.timeout} s") from exc
-        finally:
-            self.wait_seconds += time.perf_counter() - began
-
-
-class PartitionLink:
-    """Typed sends to a peer partition's inbox (the side that answers is
-    `PartitionInbox.receive`)."""
-
-    def __init__(self, inbox: ActorRef) -> None:
-        self.inbox = inbox
-
-    async def send(self, kind: str, layer: int, source: int, step: int,
-                   data: np.ndarray) -> None:
-        await self.inbox.tell({"op": "exchange", "kind": kind, "layer": layer,
-                               "source": source, "step": step, "data": data})
-
-    async def abort(self, reason: str) -> None:
-        await self.inbox.tell({"op": "abort", "reason": reason})
-
-
-@register_actor("asyncdb.PartitionInbox")
-class PartitionInbox(Actor):
-    """Copies each array a peer partition sends into the partition's buffers. Only its
-    partition spawns it (its config holds a live object), never a network peer."""
-
-    borrow_arrays = True  # copied out before the handler returns
-    network_spawn = False
-
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-
-    async def receive(self, message: dict[str, Any]) -> Any:
-        op = message.get("op")
-        if op == "exchange":
-            key = (str(message["kind"]), int(message["layer"]), int(message["source"]))
-            self.exchange.deliver(key, int(message["step"]), message["data"])
-        elif op == "abort":
-            self.exchange.fail(ActorDead(f"replica aborted: {message.get('reason')}"))
-        else:
-            raise ConfigError(f"partition inbox: unknown op {op!r}")
-
-
-@dataclass
-class Buffers:
-    """One step parity's arrays for a batch size."""
-
-    outs: list[np.ndarray]                 # stage a's output (shared)
-    inputs: list[np.ndarray]               # stage a's input columns (a >= 1)
-    d_outs: list[np.ndarray]               # dL/d(stage a's output)
-    grad_out: list[dict[int, np.ndarray]]  # stage a's input-gradient share for peer q (shared)
-    grad_in: list[dict[int, np.ndarray]]   # peer q's share for my columns of stage a's input
-    logits: np.ndarray                     # partial logits (shared)
-    peer_logits: dict[int, np.ndarray] = field(default_factory=dict)
-    delta: np.ndarray | None = None        # dL/dlogits: partition 0 sends it, others receive it
-
-
-@dataclass
-class Plan:
-    """Who sends what to whom, for the columns of each activation a >= 1."""
-
-    send: list[list[tuple[int, Span]]]     # my columns of activation a that peer q reads
-    recv: list[list[tuple[int, Span]]]     # peer q's columns of activation a that I read
-
-
-def exchange_plan(shares: list[Share], part: int) -> Plan:
-    mine = shares[part]
-    layers = len(mine.stages)
-    send: list[list[tuple[int, Span]]] = [[] for _ in range(layers)]
-    recv: list[list[tuple[int, Span]]] = [[] for _ in range(layers)]
-    for a in range(1, layers):
-        for q, other in enumerate(shares):
-            if q == part:
-                continue
-            out = overlap(mine.own(a), other.stages[a].in_span)
-            if out is not None:
-                send[a].append((q, out))
-            into = overlap(other.own(a), mine.stages[a].in_span)
-            if into is not None:
-                recv[a].append((q, into))
-    return Plan(send, recv)
 
 
 @register_actor("asyncdb.Partition")
@@ -247,7 +101,26 @@ class Partition(Replica):
             return await self.gradient(message["params"], message["x"], message["y"])
         if message.get("op") == "counts":
             return {**self.counts, **self.timing}
+        if message.get("op") == "compute":
+            return await self.compute(int(message["start"]), int(message["stop"]),
+                                      int(message["steps"]))
         return await super().receive(message)
+
+    async def compute(self, start: int, stop: int, steps: int) -> dict[str, Any]:
+        """`steps` forward and backward passes with their exchanges on consecutive
+        batches of rows [start, stop), at the parameters of one fetch made first;
+        nothing pushed. Answers the time they took (what model parallelism speeds up)."""
+        await self._fetch()
+        x, y = self.arrays["x"], self.arrays["y"]
+        batch = self.algorithm.batch_size
+        sent, waited = self.counts["exchange_bytes"], self.exchange.wait_seconds
+        began = time.perf_counter()
+        for i in range(steps):
+            lo = start + (i * batch) % max(1, stop - start - batch)
+            await self._compute(x[lo:lo + batch], y[lo:lo + batch])
+        return {"seconds": time.perf_counter() - began,
+                "exchange_bytes": self.counts["exchange_bytes"] - sent,
+                "exchange_wait_s": self.exchange.wait_seconds - waited}
 
     async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
         return {**await super().train(start, stop, steps), **self.timing}
@@ -440,6 +313,13 @@ class ReplicaClient:
             {"op": "gradient", "params": params, "x": x, "y": y}, timeout=None)
         return result
 
+    async def compute(self, start: int, stop: int, steps: int) -> dict[str, Any]:
+        """Steps without fetch or push (`Partition.compute`; a `PartitionedReplica`
+        answers one summary per partition under "partitions")."""
+        result: dict[str, Any] = await self.ref.ask(
+            {"op": "compute", "start": start, "stop": stop, "steps": steps}, timeout=None)
+        return result
+
     async def counts(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.ref.ask({"op": "counts"})
         return result
@@ -461,6 +341,12 @@ class PartitionedReplica(Actor):
                                     int(message["steps"]))
         if message.get("op") == "gradient":
             return await self.gradient(message["params"], message["x"], message["y"])
+        if message.get("op") == "compute":
+            parts = await self._together([
+                ReplicaClient(p).compute(int(message["start"]), int(message["stop"]),
+                                         int(message["steps"])) for p in self.partitions])
+            return {"seconds": max(p["seconds"] for p in parts), "partitions": parts,
+                    "exchange_bytes": sum(int(p["exchange_bytes"]) for p in parts)}
         if message.get("op") == "counts":
             return self._summary(await asyncio.gather(
                 *(ReplicaClient(p).counts() for p in self.partitions)))

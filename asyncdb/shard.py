@@ -8,6 +8,14 @@ Messages (dicts with an "op"; `ShardClient` is the caller's side):
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
     restore values, state, version
+
+Sandblaster shards (made with `lbfgs={"memory": m, "penalized": [[lo, hi], ...]}`) also
+keep named vectors and the L-BFGS history for their slice (`shard_vectors.py`):
+    fetch vector=NAME         -> that vector instead of the parameters ("x")
+    vectors program           -> {"values": [scalars...]}
+    begin pass, portions, target
+    accumulate pass, portions, grad -> {"counted": bool}
+    missing pass              -> {"portions": [ids not counted]}
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from .errors import ConfigError, UpdateRejected
 from .optim import UpdateRule
 from .registry import register_actor
 from .shard_client import ShardClient
+from .shard_vectors import SliceVectors
 from .system import PeerPolicy
 
 log = logging.getLogger("asyncdb.shard")
@@ -40,9 +49,13 @@ class ParameterShard(Actor):
     borrow_arrays = True  # gradients are applied, never kept
 
     def __init__(self, index: int, values: np.ndarray, optimizer: dict[str, Any],
-                 engine: str = "blocked", threads: int | None = None) -> None:
+                 engine: str = "blocked", threads: int | None = None,
+                 lbfgs: dict[str, Any] | None = None) -> None:
         self.index = index
-        self.values = np.array(values, np.float32).reshape(-1)
+        dtype = np.float64 if np.asarray(values).dtype == np.float64 else np.float32
+        self.values = np.array(values, dtype).reshape(-1)
+        self.lbfgs = None if lbfgs is None else SliceVectors(
+            index, self.values, int(lbfgs.get("memory", 10)), lbfgs.get("penalized", ()))
         self.updater = Updater(UpdateRule.from_config(optimizer), len(self.values),
                                engine, threads)
         self.version = 0
@@ -54,7 +67,6 @@ class ParameterShard(Actor):
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
         self.stopping = False  # the run is ending early: replies tell the replicas
-        self.stopping = False  # the run is ending early: replicas finish when told
 
     @classmethod
     def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
@@ -66,6 +78,15 @@ class ParameterShard(Actor):
         if values.size > policy.max_params:
             raise ConfigError(f"a shard of {values.size} parameters is over this node's "
                               f"limit of {policy.max_params}")
+        lbfgs = config.get("lbfgs")
+        if lbfgs is not None:
+            memory = lbfgs.get("memory", 10) if isinstance(lbfgs, dict) else None
+            if not isinstance(memory, int) or memory < 1:
+                raise ConfigError(f"bad L-BFGS memory {memory!r}")
+            if values.size * (5 + 2 * memory) > policy.max_params:
+                raise ConfigError(f"a Sandblaster shard of {values.size} parameters with "
+                                  f"{memory} history pairs is over this node's limit of "
+                                  f"{policy.max_params}")
         if config.get("engine", "blocked") not in ENGINES:
             raise ConfigError(f"unknown update engine; choose from {ENGINES}")
         threads, cores = config.get("threads"), os.cpu_count() or 1
@@ -84,25 +105,59 @@ class ParameterShard(Actor):
                 self.progress[str(progress.get("replica"))] = progress
             return result
         if op == "fetch":
-            return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)))
+            return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)),
+                              message.get("vector", "x"))
         if op == "stop":
             self.stopping = True
             return None
         if op == "stats":
             return self.stats()
         if op == "checkpoint":
-            return {"values": self.values.copy(), "version": self.version,
-                    "state": {k: v.copy() for k, v in self.updater.state.items()}}
+            state = {k: v.copy() for k, v in self.updater.state.items()}
+            if self.lbfgs is not None:
+                state.update(self.lbfgs.state())
+            return {"values": self.values.copy(), "version": self.version, "state": state}
         if op == "restore":
             return self.restore(message)
+        if op in ("vectors", "begin", "accumulate", "missing"):
+            return self.sandblaster(op, message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
 
-    def fetch(self, lo: Any, hi: Any) -> dict[str, Any]:
+    def fetch(self, lo: Any, hi: Any, vector: Any = "x") -> dict[str, Any]:
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
             raise UpdateRejected(f"shard {self.index}: bad fetch range [{lo!r}, {hi!r}) "
                                  f"of a slice of {len(self.values)}")
+        values = self.values
+        if vector != "x":
+            if self.lbfgs is None or vector not in self.lbfgs.vectors:
+                raise UpdateRejected(f"shard {self.index}: no vector named {vector!r}")
+            values = self.lbfgs.vectors[vector]
         self.fetches += 1
-        return {"values": self.values[lo:hi], "version": self.version, "stop": self.stopping}
+        return {"values": values[lo:hi], "version": self.version, "stop": self.stopping}
+
+    def sandblaster(self, op: str, message: dict[str, Any]) -> Any:
+        vectors = self.lbfgs
+        if vectors is None:
+            raise UpdateRejected(f"shard {self.index}: {op!r} needs a Sandblaster shard")
+        try:
+            if op == "vectors":
+                values, version = vectors.run(message.get("program"))
+                if version is not None:
+                    self.version = version
+                return {"values": values}
+            if op == "begin":
+                vectors.begin(message.get("pass"), message.get("portions"),
+                              message.get("target"))
+                return None
+            if op == "accumulate":
+                return {"counted": vectors.accumulate(message.get("pass"),
+                                                      message.get("portions"),
+                                                      message.get("grad"))}
+            return {"portions": vectors.missing(message.get("pass"))}
+        except UpdateRejected as exc:
+            self.rejected += 1
+            log.warning("shard %d rejected %s: %s", self.index, op, exc)
+            raise
 
     def push(self, grad: Any, fetched_version: Any) -> dict[str, Any]:
         self._check(grad)
@@ -125,8 +180,8 @@ class ParameterShard(Actor):
         problem = None
         if not isinstance(grad, np.ndarray):
             problem = f"gradient must be an array, got {type(grad).__name__}"
-        elif grad.dtype != np.float32:
-            problem = f"gradient dtype {grad.dtype} is not float32"
+        elif grad.dtype != self.values.dtype:
+            problem = f"gradient dtype {grad.dtype} is not {self.values.dtype}"
         elif grad.shape != self.values.shape:
             problem = f"gradient shape {grad.shape} does not match slice {self.values.shape}"
         elif not np.isfinite(grad).all():
@@ -145,17 +200,21 @@ class ParameterShard(Actor):
             "update_counts": list(self.update_counts),
             "engine": self.updater.engine, "threads": self.updater.threads,
             "progress": self.progress,
+            **({"lbfgs": self.lbfgs.stats()} if self.lbfgs is not None else {}),
         }
 
     def restore(self, message: dict[str, Any]) -> int:
-        values = np.asarray(message["values"], np.float32).reshape(-1)
+        values = np.asarray(message["values"], self.values.dtype).reshape(-1)
         if values.shape != self.values.shape:
             raise UpdateRejected(f"shard {self.index}: checkpoint shape {values.shape} "
                                  f"does not match {self.values.shape}")
+        state = message.get("state") or {}
+        if self.lbfgs is not None:
+            self.lbfgs.restore(state)
         self.values[...] = values
-        for name, state in (message.get("state") or {}).items():
+        for name, saved in state.items():
             if name in self.updater.state:
-                self.updater.state[name][...] = state
+                self.updater.state[name][...] = saved
         self.version = int(message.get("version", 0))
         return self.version
 

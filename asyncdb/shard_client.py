@@ -34,7 +34,9 @@ class ShardCheckpoint:
 class ShardClient:
     """Typed calls on a set of parameter shards holding one flat vector between them."""
 
-    def __init__(self, shards: Sequence[ActorRef], bounds: Sequence[Sequence[int]]) -> None:
+    def __init__(self, shards: Sequence[ActorRef], bounds: Sequence[Sequence[int]],
+                 meter: Callable[[Any], None] | None = None) -> None:
+        """`meter`, if given, sees every reply (to count what this client receives)."""
         if len(shards) != len(bounds) or not shards:
             raise ConfigError(f"{len(shards)} shards but {len(bounds)} bounds")
         self.shards = list(shards)
@@ -43,6 +45,7 @@ class ShardClient:
                                                           strict=False)):
             raise ConfigError(f"shard bounds {self.bounds} are not contiguous")
         self.size = self.bounds[-1][1]
+        self.meter = meter
         self.stopping = False  # a shard's reply said the run is ending early
 
     def __len__(self) -> int:
@@ -51,12 +54,20 @@ class ShardClient:
     async def _each(self, call: Callable[[int, ActorRef], Awaitable[T]]) -> list[T]:
         return list(await asyncio.gather(*(call(i, s) for i, s in enumerate(self.shards))))
 
+    async def _ask(self, shard: ActorRef, message: dict[str, Any], borrow: bool = False) -> Any:
+        reply = await shard.ask(message, borrow=borrow)
+        if self.meter is not None:
+            self.meter(reply)
+        return reply
+
     # -- Downpour: fetch and push ---------------------------------------------------
 
-    async def fetch(self, out: np.ndarray, span: tuple[int, int] | None = None) -> list[int]:
+    async def fetch(self, out: np.ndarray, span: tuple[int, int] | None = None,
+                    vector: str = "x") -> list[int]:
         """Read the parameters into `out` (the whole flat vector, or with `span` only
         [lo, hi) of it, asking only the shards that hold some of it); returns each
-        asked shard's version (-1 for shards not asked)."""
+        asked shard's version (-1 for shards not asked). Sandblaster shards also
+        answer for their other named vectors (`vector="xt"`: the trial point)."""
         lo, hi = span if span is not None else (0, self.size)
         versions = [-1] * len(self.shards)
 
@@ -68,7 +79,9 @@ class ShardClient:
             message: dict[str, Any] = {"op": "fetch"}
             if (a, b) != (s_lo, s_hi):
                 message.update(lo=a - s_lo, hi=b - s_lo)
-            reply = await shard.ask(message, borrow=True)
+            if vector != "x":
+                message["vector"] = vector
+            reply = await self._ask(shard, message, borrow=True)
             out[a:b] = reply["values"]
             versions[i] = int(reply["version"])
             self.stopping = self.stopping or bool(reply.get("stop"))
@@ -95,7 +108,7 @@ class ShardClient:
                                        "version": int(versions[i])}
             if i == 0 and progress is not None:
                 message["progress"] = progress
-            reply: dict[str, int] = await shard.ask(message)
+            reply: dict[str, int] = await self._ask(shard, message)
             self.stopping = self.stopping or bool(reply.get("stop"))
             return reply
 
@@ -110,13 +123,13 @@ class ShardClient:
 
     async def stats(self) -> list[dict[str, Any]]:
         """Each shard's counters (updates, version, fetches, staleness, rejections...)."""
-        return await self._each(lambda _i, shard: shard.ask({"op": "stats"}))
+        return await self._each(lambda _i, shard: self._ask(shard, {"op": "stats"}))
 
     async def checkpoint(self) -> list[ShardCheckpoint]:
         """A copy of every shard's state, taken shard by shard."""
 
         async def one(_i: int, shard: ActorRef) -> ShardCheckpoint:
-            reply = await shard.ask({"op": "checkpoint"})
+            reply = await self._ask(shard, {"op": "checkpoint"})
             return ShardCheckpoint(reply["values"], dict(reply["state"]), int(reply["version"]))
 
         return await self._each(one)
@@ -128,7 +141,52 @@ class ShardClient:
 
         async def one(i: int, shard: ActorRef) -> int:
             saved = checkpoints[i]
-            return int(await shard.ask({"op": "restore", "values": saved.values,
-                                        "state": saved.state, "version": saved.version}))
+            return int(await self._ask(shard, {"op": "restore", "values": saved.values,
+                                               "state": saved.state,
+                                               "version": saved.version}))
 
         return await self._each(one)
+
+    # -- Sandblaster: vector programs and exactly-once accumulation -------------------
+
+    async def vectors(self, *program: list[Any]) -> list[float]:
+        """Run one program of vector operations (see `shard_vectors.py`: copy, axpy,
+        scale, dot, paxpy, pdot, history, version) on every shard's slice; returns
+        the scalars it answers, each summed over the shards."""
+        ops = [list(op) for op in program]
+
+        async def one(_i: int, shard: ActorRef) -> list[float]:
+            reply = await self._ask(shard, {"op": "vectors", "program": ops})
+            return [float(v) for v in reply["values"]]
+
+        parts = await self._each(one)
+        return [sum(column) for column in zip(*parts, strict=True)]
+
+    async def begin(self, pass_id: int, portions: int, target: str) -> None:
+        """Open gradient pass `pass_id` of `portions` portions, accumulating into
+        `target` ("g" or "gt"), zeroed."""
+        await self._each(lambda _i, shard: self._ask(shard, {
+            "op": "begin", "pass": pass_id, "portions": portions, "target": target}))
+
+    async def accumulate(self, pass_id: int, portions: Sequence[int],
+                         grad: np.ndarray) -> list[bool]:
+        """Push the sum `grad` of `portions` of pass `pass_id`; each shard answers
+        whether it counted it (False: a repeat or a stale pass, dropped)."""
+        ids = [int(p) for p in portions]
+
+        async def one(i: int, shard: ActorRef) -> bool:
+            lo, hi = self.bounds[i]
+            reply = await self._ask(shard, {"op": "accumulate", "pass": pass_id,
+                                            "portions": ids, "grad": grad[lo:hi]})
+            return bool(reply["counted"])
+
+        return await self._each(one)
+
+    async def missing(self, pass_id: int) -> list[int]:
+        """Portions of pass `pass_id` that some shard has not counted, sorted."""
+
+        async def one(_i: int, shard: ActorRef) -> list[int]:
+            reply = await self._ask(shard, {"op": "missing", "pass": pass_id})
+            return [int(p) for p in reply["portions"]]
+
+        return sorted(set().union(*await self._each(one)))

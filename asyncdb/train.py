@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from asyncdb.models import MLP
 
-from . import datasets
+from . import datasets, sandblaster_cli
 from .cluster import Cluster
 from .dashboard import Dashboard
 from .downpour import Downpour
@@ -111,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--history", type=Path, metavar="FILE", help="an extra copy of the history (JSON)")
     add("--dashboard", nargs="?", const="127.0.0.1:0", metavar="HOST:PORT",
         help="serve a live dashboard while training (default 127.0.0.1, a free port)")
+    # Model parallelism: each replica split across partitions (processes, or peers).
+    add("--partitions", type=count, default=1,
+        help="partitions per replica (default 1); needs --shards at least as many")
+    sandblaster_cli.add_arguments(parser)  # --algorithm sandblaster and its options
 
 
 class Console:
@@ -244,13 +248,14 @@ def _cluster(args: argparse.Namespace) -> tuple[Cluster, str]:
         if args.secret_file is None:
             raise ConfigError("--peers needs --secret-file")
         cluster = Cluster.connect(urls, read_secret(args.secret_file), shards=args.shards,
-                                  replicas=args.replicas,
+                                  replicas=args.replicas, partitions=args.partitions,
                                   ssl_context=client_ssl(args.ca, args.insecure))
         return cluster, f"on {len(urls)} peers"
     if args.inproc:
-        return Cluster.inproc(args.shards, args.replicas), "in this process"
-    return (Cluster.local(args.shards, args.replicas, colocate=args.colocate),
-            "in node processes on this host")
+        return (Cluster.inproc(args.shards, args.replicas, partitions=args.partitions),
+                "in this process")
+    return (Cluster.local(args.shards, args.replicas, colocate=args.colocate,
+                          partitions=args.partitions), "in node processes on this host")
 
 
 def rate_limits(algorithm: Downpour, param_bytes: int) -> tuple[str, float | None]:
@@ -301,9 +306,12 @@ async def train(args: argparse.Namespace, data: datasets.Dataset,
         warm_start_steps=args.warm_start)
     optimizer = _optimizer(args)
     cluster, where = _cluster(args)
+    if args.algorithm == "sandblaster":
+        return await sandblaster_cli.train(args, data, args.hidden, cluster, where), 0
     limits, ceiling = rate_limits(algorithm, 4 * model.num_params())
+    split = f" of {args.partitions} partitions" if args.partitions > 1 else ""
     console.header(
-        f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
+        f"asyncdb train: {model} on {data}, {args.replicas} replicas{split} and {args.shards} "
         f"shards {where}, Downpour(n_fetch={args.n_fetch}, n_push={args.n_push}, "
         f"batch {args.batch_size}), {optimizer}, {args.epochs:g} epochs, {limits}",
         int(args.epochs * len(data.x_train)))

@@ -20,9 +20,14 @@ Params = dict[str, np.ndarray]
 
 
 class Model(ABC):
-    """Base of every model. Subclasses are registered by name for `from_config`."""
+    """Base of every model. Subclasses are registered by name for `from_config`.
+
+    `l2` weighs an optional penalty `0.5 * l2 * sum of squares` of the tensors that
+    `penalized()` names; `loss_and_grad` includes it, `data_loss_and_grad` leaves it
+    out (for callers that add the penalty once over many batches)."""
 
     _types: dict[str, type[Model]] = {}
+    l2: float = 0.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -40,6 +45,31 @@ class Model(ABC):
     def loss_and_grad(self, params: Params, x: np.ndarray, y: np.ndarray,
                       grads: Params | None = None) -> tuple[float, Params]:
         """Mean loss over the batch and its gradient; written into `grads` if given."""
+
+    def data_loss_and_grad(self, params: Params, x: np.ndarray, y: np.ndarray,
+                           grads: Params | None = None) -> tuple[float, Params]:
+        """`loss_and_grad` without the L2 penalty."""
+        if self.l2:
+            raise NotImplementedError(f"{type(self).__name__} cannot leave its penalty out")
+        return self.loss_and_grad(params, x, y, grads)
+
+    def data_loss(self, params: Params, x: np.ndarray, y: np.ndarray) -> float:
+        """The mean loss over the batch without the L2 penalty (no gradient)."""
+        return self.data_loss_and_grad(params, x, y)[0]
+
+    def penalized(self) -> list[str]:
+        """Names of the tensors the L2 penalty applies to."""
+        return []
+
+    def penalty(self, params: Params, grads: Params | None = None) -> float:
+        """`0.5 * l2 * sum of squares` of the penalized tensors; adds its gradient to
+        `grads` if given."""
+        total = 0.0
+        for name in self.penalized():
+            total += float(np.vdot(params[name], params[name]))
+            if grads is not None:
+                grads[name] += params[name] * grads[name].dtype.type(self.l2)
+        return 0.5 * self.l2 * total
 
     @abstractmethod
     def predict(self, params: Params, x: np.ndarray) -> np.ndarray:

@@ -158,6 +158,7 @@ class LocalStage(Stage):
         self.in_positions = (max(0, lo - self.half), min(width, hi + self.half))
         self.in_span = (self.in_positions[0] * c_in, self.in_positions[1] * c_in)
         self.out_span = (lo * c_out, hi * c_out)
+        self._patched: tuple[np.ndarray, np.ndarray] | None = None  # (input, its patches)
 
     def param_index(self) -> dict[str, tuple[str, tuple[slice, ...]]]:
         rows = slice(*self.positions)
@@ -180,7 +181,9 @@ class LocalStage(Stage):
         return windows.transpose(1, 0, 3, 2).reshape(n, batch, self.window * self.c_in)
 
     def forward(self, params: Params, h_in: np.ndarray, out: np.ndarray) -> None:
-        z = np.matmul(self._patches(h_in), params[f"W{self.layer}"])  # (n, batch, c_out)
+        patches = self._patches(h_in)
+        self._patched = (h_in, patches)  # the backward pass that follows reuses them
+        z = np.matmul(patches, params[f"W{self.layer}"])  # (n, batch, c_out)
         z += params[f"b{self.layer}"][:, None, :]
         np.maximum(z, 0, out=z)
         out.reshape(len(h_in), -1, self.c_out)[...] = z.transpose(1, 0, 2)
@@ -191,17 +194,21 @@ class LocalStage(Stage):
         batch, w = len(h_in), params[f"W{self.layer}"]
         n = self.positions[1] - self.positions[0]
         d_out *= out > 0
-        dz = d_out.reshape(batch, n, self.c_out).transpose(1, 0, 2)  # (n, batch, c_out)
-        np.matmul(self._patches(h_in).transpose(0, 2, 1), dz, out=grads[f"W{self.layer}"])
+        dz = np.ascontiguousarray(d_out.reshape(batch, n, self.c_out).transpose(1, 0, 2))
+        cached = self._patched
+        self._patched = None
+        patches = cached[1] if cached is not None and cached[0] is h_in else self._patches(h_in)
+        np.matmul(patches.transpose(0, 2, 1), dz, out=grads[f"W{self.layer}"])
         np.sum(dz, axis=1, out=grads[f"b{self.layer}"])
         if not spans:
             return
-        d_patches = np.matmul(dz, w.transpose(0, 2, 1)).reshape(
-            n, batch, self.window, self.c_in)
-        d_padded, start = self._padded(batch, h_in.dtype)
-        for t in range(self.window):
-            d_padded[:, t:t + n] += d_patches[:, :, t].transpose(1, 0, 2)
+        n_padded = n + 2 * self.half
+        start = self.in_positions[0] - (self.positions[0] - self.half)
+        d_padded = np.zeros((n_padded, batch, self.c_in), h_in.dtype)  # position-major
+        taps = w.reshape(n, self.window, self.c_in, self.c_out)
+        for t in range(self.window):  # each window tap's share, added where it came from
+            d_padded[t:t + n] += np.matmul(dz, taps[:, t].transpose(0, 2, 1))
         count = self.in_positions[1] - self.in_positions[0]
-        d_in = d_padded[:, start:start + count].reshape(batch, -1)
+        d_in = d_padded[start:start + count].transpose(1, 0, 2).reshape(batch, -1)
         for (lo, hi), target in zip(spans, d_ins, strict=True):
             target[...] = d_in[:, lo - self.in_span[0]:hi - self.in_span[0]]

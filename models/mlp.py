@@ -17,13 +17,22 @@ class MLP(Model):
 
     Activations and their gradients live in buffers kept per batch size, so a training
     step allocates nothing after the first.
+
+    `l2`: weight of an L2 penalty on the weight matrices (not the biases);
+    `dtype`: "float32" (default) or "float64", the dtype of `init_params`.
     """
 
-    def __init__(self, sizes: Sequence[int]) -> None:
+    def __init__(self, sizes: Sequence[int], l2: float = 0.0, dtype: str = "float32") -> None:
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"an MLP needs at least two positive layer sizes, got {sizes}")
+        if not l2 >= 0.0:
+            raise ValueError(f"l2 must be a non-negative number, got {l2!r}")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
         self.sizes = sizes
+        self.l2 = float(l2)
+        self.dtype = dtype
         self._buffers: dict[int, list[np.ndarray]] = {}
 
     @property
@@ -41,21 +50,30 @@ class MLP(Model):
         params: Params = {}
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes, self.sizes[1:], strict=False)):
             scale = np.sqrt(2.0 / fan_in)  # He et al. 2015, for ReLU
-            params[f"W{i}"] = (rng.standard_normal((fan_in, fan_out)) * scale).astype(np.float32)
-            params[f"b{i}"] = np.zeros(fan_out, np.float32)
+            params[f"W{i}"] = (rng.standard_normal((fan_in, fan_out)) * scale).astype(self.dtype)
+            params[f"b{i}"] = np.zeros(fan_out, self.dtype)
         return params
 
+    def penalized(self) -> list[str]:
+        return [f"W{i}" for i in range(self.layers)]
+
+    def _options(self) -> dict[str, Any]:
+        return {**({"l2": self.l2} if self.l2 else {}),
+                **({"dtype": self.dtype} if self.dtype != "float32" else {})}
+
     def to_config(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "sizes": list(self.sizes)}
+        return {"type": type(self).__name__, "sizes": list(self.sizes), **self._options()}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, MLP) and type(other) is type(self) and other.sizes == self.sizes
+        return (isinstance(other, MLP) and type(other) is type(self)
+                and other.sizes == self.sizes and other._options() == self._options())
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(self.sizes)))
+        return hash((type(self).__name__, tuple(self.sizes), self.l2, self.dtype))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.sizes})"
+        extra = "".join(f", {k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({self.sizes}{extra})"
 
     def _activations(self, batch: int, dtype: np.dtype[Any]) -> list[np.ndarray]:
         acts = self._buffers.get(batch)
@@ -77,6 +95,23 @@ class MLP(Model):
 
     def loss_and_grad(self, params: Params, x: np.ndarray, y: np.ndarray,
                       grads: Params | None = None) -> tuple[float, Params]:
+        loss, grads = self.data_loss_and_grad(params, x, y, grads)
+        if self.l2:
+            loss += self.penalty(params, grads)
+        return loss, grads
+
+    def data_loss(self, params: Params, x: np.ndarray, y: np.ndarray) -> float:
+        acts = self._activations(len(x), params["W0"].dtype)
+        self._forward(params, np.asarray(x, params["W0"].dtype), acts)
+        logits = acts[-1]  # the same operations as the gradient's, so the same loss
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=1, keepdims=True)
+        picked = logits[np.arange(len(x)), y]
+        return float(-np.log(np.maximum(picked, 1e-30)).mean())
+
+    def data_loss_and_grad(self, params: Params, x: np.ndarray, y: np.ndarray,
+                           grads: Params | None = None) -> tuple[float, Params]:
         dtype = params["W0"].dtype
         x = np.asarray(x, dtype)
         batch = len(x)
@@ -130,8 +165,9 @@ class MLP(Model):
 class SoftmaxRegression(MLP):
     """Multinomial logistic regression: an MLP with no hidden layer."""
 
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__([n_in, n_out])
+    def __init__(self, n_in: int, n_out: int, l2: float = 0.0, dtype: str = "float32") -> None:
+        super().__init__([n_in, n_out], l2=l2, dtype=dtype)
 
     def to_config(self) -> dict[str, Any]:
-        return {"type": "SoftmaxRegression", "n_in": self.sizes[0], "n_out": self.sizes[1]}
+        return {"type": "SoftmaxRegression", "n_in": self.sizes[0], "n_out": self.sizes[1],
+                **self._options()}

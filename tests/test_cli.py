@@ -60,6 +60,40 @@ def test_train_options_reach_the_run(tmp_path):
     assert command["eval_every"] == 0.5 and command["data"] == "digits"
 
 
+def test_train_sandblaster(tmp_path):
+    history = tmp_path / "sb.json"
+    out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--lbfgs-memory", "5",
+                      "--portion-size", "128", "--iterations", "6", "--hidden", "",
+                      "--history", str(history))
+    assert out.returncode == 0, out.stderr
+    assert "Sandblaster L-BFGS" in out.stdout and "iteration    6" in out.stdout
+    saved = json.loads(history.read_text())
+    assert saved["config"]["algorithm"]["name"] == "sandblaster"
+    assert saved["config"]["algorithm"]["memory"] == 5
+    assert saved["config"]["algorithm"]["portion_size"] == 128
+    assert [e["iteration"] for e in saved["history"]] == list(range(7))
+    assert saved["history"][-1]["test_accuracy"] > 0.9
+    out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--portion-size", "0")
+    assert out.returncode == 1 and "portion_size" in out.stderr
+
+
+@pytest.mark.slow
+def test_train_with_partitions(tmp_path):
+    history = tmp_path / "h.json"
+    out = asyncdb_cli("train", "--partitions", "2", "--epochs", "6", "--history", str(history))
+    assert out.returncode == 0, out.stderr
+    assert "2 replicas of 2 partitions" in out.stdout
+    saved = json.loads(history.read_text())
+    assert saved["config"]["partitions"] == 2 and saved["config"]["mode"] == "local"
+    assert saved["history"][-1]["test_accuracy"] > 0.9
+    assert all(r["exchange_bytes"] > 0 for r in saved["replicas"].values())
+
+
+def test_partitions_without_enough_shards_fail_clearly():
+    out = asyncdb_cli("train", "--inproc", "--partitions", "3", "--shards", "2")
+    assert out.returncode != 0 and "at least one shard per partition" in out.stderr
+
+
 def test_train_prints_the_dashboard_url(tmp_path):
     out = asyncdb_cli("train", "--inproc", "--epochs", "1", "--dashboard",
                       "--save", str(tmp_path / "run"))

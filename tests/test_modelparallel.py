@@ -211,3 +211,26 @@ async def test_a_dead_partition_loses_its_replica_and_the_run_goes_on(digits, vi
     assert killed.is_set()
     assert run.lost == [1]
     assert run.final["test_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+async def test_partitions_spread_over_serve_peers(tmp_path, digits):
+    from test_ws import SECRET, Serve
+
+    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1") for name in ("peer-a", "peer-b")]
+    try:
+        urls = [p.url for p in peers]
+        model = MLP([digits.n_features, 64, digits.n_classes])
+        async with asyncdb.Cluster.connect(urls, SECRET, shards=2, replicas=1,
+                                           partitions=2) as cluster:
+            params, x, y = problem(MLP([13, 121, 90, 10]), np.float64, batch=300)
+            loss, grads = await split_gradient(cluster.node, cluster.peer_ids,
+                                               MLP([13, 121, 90, 10]), params, x, y)
+            check(MLP([13, 121, 90, 10]), params, x, y, loss, grads, 1e-10)
+            run = await cluster.train(model, digits, algorithm=asyncdb.Downpour(batch_size=32),
+                                      optimizer=asyncdb.Adagrad(lr=0.05), epochs=8)
+        assert run.final["test_accuracy"] >= 0.93 and not run.lost
+        assert run.replicas[0]["exchange_bytes"] > 0
+    finally:
+        for peer in peers:
+            peer.stop()

@@ -88,3 +88,29 @@ def test_training_reduces_loss():
             params[name] -= 0.5 * grads[name]
     assert loss < first / 4
     assert model.accuracy(params, x, y) > 0.95
+
+
+@pytest.mark.parametrize("model", [MLP([6, 5, 3], l2=0.3), SoftmaxRegression(5, 4, l2=0.1)])
+def test_l2_penalty_gradients_match_finite_differences(model):
+    assert finite_difference_check(model) < 1e-6
+
+
+def test_l2_penalty_is_on_weights_only_and_can_be_left_out():
+    model = SoftmaxRegression(3, 2, l2=0.5, dtype="float64")
+    rng = np.random.default_rng(2)
+    params = model.init_params(rng)
+    assert params["W0"].dtype == np.float64
+    params["b0"][:] = [1.0, -2.0]
+    x, y = rng.standard_normal((5, 3)), np.array([0, 1, 1, 0, 1])
+    loss, grads = model.loss_and_grad(params, x, y)
+    data, data_grads = model.data_loss_and_grad(params, x, y)
+    assert loss == pytest.approx(data + 0.25 * float((params["W0"] ** 2).sum()), rel=1e-12)
+    np.testing.assert_allclose(grads["W0"], data_grads["W0"] + 0.5 * params["W0"])
+    np.testing.assert_array_equal(grads["b0"], data_grads["b0"])
+    assert model.data_loss(params, x, y) == data
+    assert Model.from_config(model.to_config()) == model
+    assert model != SoftmaxRegression(3, 2, dtype="float64")
+    with pytest.raises(ValueError, match="l2"):
+        MLP([3, 2], l2=-1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        MLP([3, 2], dtype="int8")

@@ -1,0 +1,133 @@
+"""`asyncdb bench modelparallel`: one replica in 1 and in 2 partitions.
+
+For each width H of a 784-H-H-10 MLP (batch 256): the time of a step (forward,
+backward and the exchanges between partitions, no fetch or push) of one replica as one
+partition in one node process with one BLAS thread, as two partitions in two node
+processes with one BLAS thread each, and as one partition in one process with two BLAS
+threads (the reference: what the same two cores give a single process). `speedup` is
+the one-partition time over the two-partition time; `wait_share` the share of the
+two-partition step its partitions spent waiting for each other. `train_speedup` is the
+same ratio for Downpour steps that also fetch and push every step (shards in the
+driver's process). Then the same for a locally connected model, whose partitions
+exchange only the activations at their boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from asyncdb.models import MLP, LocallyConnected1D, Model
+
+from ..data import SharedArrays
+from ..downpour import Downpour
+from ..modelparallel import ReplicaClient, spawn_partitioned_replica
+from ..node import Node
+from ..optim import SGD
+from ..params import PartitionedLayout
+from ..process import LocalNodes
+from ..system import SYSTEM
+
+
+@dataclass(frozen=True)
+class Settings:
+    hidden: tuple[int, ...] = (256, 1024, 4096, 8192)
+    batch_size: int = 256
+    rows: int = 4096
+    features: int = 784
+    classes: int = 10
+    local_width: int = 1024
+    local_channels: tuple[int, ...] = (1, 32, 32)
+    local_window: int = 9
+
+
+def steps_for(warm_up_step: float, seconds: float = 1.5) -> int:
+    """Enough steps for about `seconds` of work, at least 3 and at most 50."""
+    return max(3, min(50, int(seconds / max(warm_up_step, 1e-6))))
+
+
+async def measure(node: Node, model: Model, parts: int, threads: int, data: SharedArrays,
+                  settings: Settings, repeat: int) -> dict[str, Any]:
+    """Median step time of one replica of `model` in `parts` partitions, each in its own
+    node process with `threads` BLAS threads; and of Downpour steps with fetch and push."""
+    layout = PartitionedLayout(model, parts)
+    flat = layout.flatten(model.init_params(np.random.default_rng(0)))
+    bounds = layout.shard_bounds(parts)
+    async with LocalNodes(node, parts, threads_per_node=threads) as nodes:
+        spawned = [await node.spawn("asyncdb.ParameterShard", config={
+            "index": i, "values": flat[lo:hi], "optimizer": SGD(1e-4).to_config()})
+            for i, (lo, hi) in enumerate(bounds)]
+        algorithm = Downpour(batch_size=settings.batch_size)
+        replica, refs = await spawn_partitioned_replica(
+            node, 0, model, nodes.ids, spawned, bounds, layout.block_bounds,
+            {"data": data.spec, "algorithm": algorithm.to_config()})
+        spawned += refs
+        client = ReplicaClient(replica)
+        try:
+            warm = await client.compute(0, settings.rows, 2)  # buffers, page faults
+            steps = steps_for(warm["seconds"] / 2)
+            runs = [await client.compute(0, settings.rows, steps) for _ in range(repeat)]
+            trained = await client.train(0, settings.rows, max(2, steps // 2))
+        finally:
+            for ref in reversed(spawned):
+                await node.ref(ref.node_id, SYSTEM).ask({"op": "stop", "name": ref.name})
+    best = min(runs, key=lambda r: r["seconds"])
+    step = statistics.median(r["seconds"] for r in runs) / steps
+    waits = [p["exchange_wait_s"] for p in best["partitions"]]
+    return {"step_s": step, "exchange_bytes_per_step": best["exchange_bytes"] // steps,
+            "wait_share": statistics.mean(waits) / best["seconds"],
+            "train_step_s": trained["seconds"] / trained["steps"]}
+
+
+async def compare(node: Node, model: Model, data: SharedArrays, settings: Settings,
+                  repeat: int) -> dict[str, Any]:
+    one = await measure(node, model, 1, 1, data, settings, repeat)
+    two = await measure(node, model, 2, 1, data, settings, repeat)
+    reference = await measure(node, model, 1, 2, data, settings, repeat)
+    return {
+        "params": model.num_params(),
+        "speedup": one["step_s"] / two["step_s"],
+        "exchange_bytes_per_step": two["exchange_bytes_per_step"],
+        "wait_share": two["wait_share"],
+        "step_ms_1": one["step_s"] * 1e3,
+        "step_ms_2": two["step_s"] * 1e3,
+        "reference_2_threads_speedup": one["step_s"] / reference["step_s"],
+        "train_speedup": one["train_step_s"] / two["train_step_s"],
+    }
+
+
+async def run(settings: Settings | None = None, repeat: int = 3) -> dict[str, Any]:
+    settings = settings or Settings()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((settings.rows, settings.features)).astype(np.float32)
+    y = rng.integers(0, settings.classes, settings.rows)
+    data = SharedArrays({"x": x, "y": y})
+    sizes = []
+    try:
+        async with Node("bench", ask_timeout=600) as node:
+            for hidden in settings.hidden:
+                model = MLP([settings.features, hidden, hidden, settings.classes])
+                sizes.append({"hidden": hidden,
+                              **await compare(node, model, data, settings, repeat)})
+            local = LocallyConnected1D(settings.local_width, settings.local_channels,
+                                       settings.local_window, settings.classes)
+            lx = rng.standard_normal((settings.rows, settings.local_width)).astype(np.float32)
+            local_data = SharedArrays({"x": lx, "y": y})
+            try:
+                local_result = await compare(node, local, local_data, settings, repeat)
+            finally:
+                local_data.close()
+    finally:
+        data.close()
+    return {
+        "batch_size": settings.batch_size,
+        "sizes": sizes,
+        "reference_2_threads": [{"hidden": s["hidden"],
+                                 "speedup": s["reference_2_threads_speedup"]} for s in sizes],
+        "locally_connected": {"model": repr(local), **local_result},
+        "speedup_grows": all(a["speedup"] < b["speedup"] for a, b in itertools.pairwise(sizes)),
+    }

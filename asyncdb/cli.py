@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "transport":
         from .bench import transport
 
-        result = run(transport.run(repeat=args.repeat or 5))
+        result = run(transport.run(repeat=args.repeat or 9))
     elif args.what == "downpour":
         from .bench import downpour
 
@@ -48,7 +48,13 @@ def _bench(args: argparse.Namespace) -> int:
                                        "n_fetch": args.n_fetch, "n_push": args.n_push,
                                        "colocate": args.colocate}.items()
                      if v is not None}
-        result = run(downpour.run(downpour.Settings(**overrides), repeat=args.repeat or 3))
+        settings = downpour.Settings(**overrides)
+        if args.sizes:
+            from .bench import sizes
+
+            result = run(sizes.run(settings))
+        else:
+            result = run(downpour.run(settings, repeat=args.repeat or 3))
     elif args.what == "sandblaster":
         from .bench import sandblaster
 
@@ -185,15 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
                             "(loopback unless HOST is given; off by default)")
     serve.set_defaults(func=_serve)
+    from . import plot
+
+    plotting = sub.add_parser("plot", help="draw accuracy and loss curves of saved runs")
+    plot.add_arguments(plotting)
+    plotting.set_defaults(func=plot.main)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour", "modelparallel",
                                         "sandblaster"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument("--repeat", type=int, default=None,
-                       help="runs per figure, medians reported (transport 5, downpour 3, "
+                       help="runs per figure, medians reported (transport 9, downpour 3, "
                             "modelparallel 3, sandblaster 3)")
     bench.add_argument("--examples", type=int, help="downpour: training examples")
     bench.add_argument("--shards", type=int, help="downpour: parameter shards")
+    bench.add_argument("--sizes", action="store_true",
+                       help="downpour: 2 replicas against one process for MLPs of about "
+                            "1M, 10M and 50M parameters, Hogwild! at the smallest")
     bench.add_argument("--n-fetch", type=int, help="downpour: steps between fetches")
     bench.add_argument("--n-push", type=int, help="downpour: steps between pushes")
     bench.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,

@@ -1,7 +1,9 @@
 """The coordinator: starts a Downpour run, hands each replica its slice of the data,
 evaluates the shards' current parameters on test data every few seconds, and ends
 the run when every replica has done its steps. A replica that dies is logged and the
-run goes on with the others."""
+run goes on with the others. A run whose loss turns NaN or Inf or grows past
+`diverge_factor` times the loss of the initial parameters, or whose pushes a shard
+refuses, stops with `TrainingDiverged` carrying the history so far."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import numpy as np
 from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
-from .errors import ActorDead, ChannelClosed
+from .errors import ActorDead, ChannelClosed, TrainingDiverged, UpdateRejected
 from .params import layout_of
 from .registry import register_actor
 from .shard_client import ShardClient
+from .system import actor_alive
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -38,7 +41,8 @@ class Coordinator(Actor):
                  bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
                  x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                  eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None, partitions: int = 1) -> None:
+                 on_progress: Progress | None = None, partitions: int = 1,
+                 diverge_factor: float = 10.0) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
         self.shards = ShardClient(shards, bounds)
@@ -50,6 +54,8 @@ class Coordinator(Actor):
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress
+        self.diverge_factor = diverge_factor
+        self._baseline = float("inf")  # the loss of the initial parameters
         self.history: list[dict[str, Any]] = []
         self.lost: list[int] = []
         self._started = 0.0
@@ -70,14 +76,16 @@ class Coordinator(Actor):
         flat = await self.params()
         stats = await self.shards.stats()
         views = self.layout.tensors(flat)
-        if rows is None:
-            accuracy = {"val_accuracy": (self.model.accuracy(views, self.x_val, self.y_val)
-                                         if self.has_val else None),
-                        "test_accuracy": self.model.accuracy(views, self.x_test, self.y_test)}
-        else:
-            n = min(rows, len(self.x_val))
-            accuracy = {"val_accuracy": self.model.accuracy(views, self.x_val[:n],
-                                                            self.y_val[:n])}
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if rows is None:
+                accuracy = {"val_accuracy": (self.model.accuracy(views, self.x_val, self.y_val)
+                                             if self.has_val else None),
+                            "test_accuracy": self.model.accuracy(views, self.x_test,
+                                                                 self.y_test)}
+            else:
+                n = min(rows, len(self.x_val))
+                accuracy = {"val_accuracy": self.model.accuracy(views, self.x_val[:n],
+                                                                self.y_val[:n])}
         progress = stats[0]["progress"].values()
         examples = sum(int(p["examples"]) for p in progress)
         elapsed = time.perf_counter() - self._started
@@ -103,41 +111,71 @@ class Coordinator(Actor):
 
     async def run(self, replicas: list[ActorRef], slices: list[list[int]], steps: list[int],
                   warm_start_steps: int) -> dict[str, Any]:
+        """Train: replica 0 alone for the warm start, then every replica at once.
+        A replica's end (done, or lost) is handled the moment it comes; evaluations
+        tick every `eval_every` seconds throughout, warm start included."""
         self._started = time.perf_counter()
         self.history = []
+        self._baseline = await self._initial_loss()
         summaries: dict[int, dict[str, Any]] = {}
         lost: list[int] = []
         self.lost = lost
-        if warm_start_steps and replicas:
-            warm = min(warm_start_steps, steps[0])
-            log.info("warm start: replica 0 trains alone for %d steps", warm)
-            summaries[0] = await replicas[0].ask(
-                {"op": "train", "start": slices[0][0], "stop": slices[0][1], "steps": warm},
-                timeout=None)
-            steps = [steps[0] - warm, *steps[1:]]
-        tasks = {
-            asyncio.ensure_future(ref.ask({"op": "train", "start": lo, "stop": hi,
-                                           "steps": n}, timeout=None)): i
-            for i, (ref, (lo, hi), n) in enumerate(zip(replicas, slices, steps, strict=True))
-            if n > 0
-        }
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=self.eval_every)
-            for task in done:
-                index = tasks[task]
-                try:
-                    result = task.result()
-                except (ChannelClosed, ActorDead) as exc:
-                    lost.append(index)
-                    log.warning("replica %d lost (%s); training goes on with %d replicas",
-                                index, exc, len(replicas) - len(lost))
+        tasks: dict[asyncio.Future[Any], int] = {}
+        remaining = list(steps)
+
+        def start(index: int, count: int) -> None:
+            lo, hi = slices[index]
+            ask = replicas[index].ask({"op": "train", "start": lo, "stop": hi,
+                                       "steps": count}, timeout=None)
+            tasks[asyncio.ensure_future(ask)] = index
+            remaining[index] -= count
+
+        warming = bool(warm_start_steps and replicas and steps[0])
+        if warming:
+            log.info("warm start: replica 0 trains alone for %d steps",
+                     min(warm_start_steps, steps[0]))
+            start(0, min(warm_start_steps, steps[0]))
+        else:
+            for index, count in enumerate(steps):
+                if count > 0:
+                    start(index, count)
+        loop = asyncio.get_running_loop()
+        next_eval = loop.time() + self.eval_every
+        try:
+            while tasks or warming:
+                if warming and not tasks:  # the warm start is over, however it ended
+                    warming = False
+                    for index, count in enumerate(remaining):
+                        if count > 0 and index not in lost:
+                            start(index, count)
                     continue
-                summaries[index] = _merge(summaries.get(index), result)
-            if pending:
-                await self.evaluate(self.eval_rows, len(replicas) - len(lost))
+                done, _ = await asyncio.wait(tasks, timeout=max(0.0, next_eval - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    index = tasks.pop(task)
+                    result = await self._outcome(task, index, lost)
+                    if result is not None:
+                        summaries[index] = _merge(summaries.get(index), result)
+                if tasks and loop.time() >= next_eval:
+                    self._check_loss(await self.evaluate(self.eval_rows,
+                                                         len(replicas) - len(lost)))
+                    next_eval = loop.time() + self.eval_every
+        finally:
+            for task in tasks:
+                task.cancel()
+        return await self._result(summaries, lost, len(replicas) - len(lost))
+
+    async def _result(self, summaries: dict[int, dict[str, Any]], lost: list[int],
+                      alive: int) -> dict[str, Any]:
+        """The final evaluation on the whole test set, checked, and the run's summary."""
         seconds = time.perf_counter() - self._started  # training only, not the final test
-        final = await self.evaluate(None, len(replicas) - len(lost))
+        final = await self.evaluate(None, alive)
+        self._check_loss(final)
+        for index, summary in summaries.items():
+            bad, done_steps = summary.get("bad_batches", 0), summary.get("steps", 0)
+            if done_steps and bad * 2 >= done_steps:
+                raise self._diverged(f"{bad} of replica {index}'s {done_steps} batches gave "
+                                     "a NaN or Inf loss or gradient")
         examples = sum(int(s["examples"]) for s in summaries.values())
         final["examples"] = examples
         final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
@@ -145,6 +183,52 @@ class Coordinator(Actor):
                 "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds,
                 "shards": await self.shards.stats()}
+
+    async def _outcome(self, task: asyncio.Future[Any], index: int,
+                       lost: list[int]) -> dict[str, Any] | None:
+        """A replica's summary; None if the replica is lost (noted in `lost`). A
+        replica that failed because a shard went away is no lost replica: with a shard
+        gone the run cannot go on, and fails."""
+        try:
+            result: dict[str, Any] = task.result()
+        except (ChannelClosed, ActorDead) as exc:
+            gone = [i for i, ref in enumerate(self.shards.shards)
+                    if not await actor_alive(self.node, ref)]
+            if gone:
+                log.error("replica %d failed and shards %s are unreachable: %s", index,
+                          gone, exc)
+                raise type(exc)(f"shard {gone[0]} is unreachable, so the run cannot go "
+                                f"on (replica {index}: {exc})") from exc
+            lost.append(index)
+            log.warning("replica %d lost (%s); training goes on without it", index, exc)
+            return None
+        except UpdateRejected as exc:
+            raise self._diverged(f"replica {index}'s push was refused: {exc}") from exc
+        log.info("replica %d finished its steps", index)
+        return result
+
+    async def _initial_loss(self) -> float:
+        views = self.layout.tensors(await self.params())
+        grads = {name: np.zeros_like(view) for name, view in views.items()}
+        n = min(self.eval_rows, len(self.x_test))
+        loss, _ = self.model.loss_and_grad(views, self.x_test[:n], self.y_test[:n], grads)
+        return float(loss)
+
+    def _check_loss(self, entry: dict[str, Any]) -> None:
+        loss = entry["loss"]
+        if loss is None:
+            return
+        if not np.isfinite(loss):
+            raise self._diverged(f"the training loss is {loss}")
+        if np.isfinite(self._baseline) and loss > self.diverge_factor * max(self._baseline,
+                                                                            1e-3):
+            raise self._diverged(f"the training loss grew to {loss:.4g} from "
+                                 f"{self._baseline:.4g} at the start")
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        log.error("training diverged: %s", reason)
+        return TrainingDiverged(f"training diverged after {len(self.history)} evaluations: "
+                                f"{reason}", self.history)
 
 
 def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:

@@ -12,6 +12,8 @@ accumulating). The last push of a run waits for the limit instead.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +29,8 @@ from .params import ParameterLayout
 from .registry import register_actor
 from .shard_client import ShardClient
 from .system import PeerPolicy
+
+log = logging.getLogger("asyncdb.downpour")
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class Replica(Actor):
         self.fetch_limit = RateLimit(self.algorithm.fetch_rate, self.algorithm.fetch_bytes_rate)
         self.push_limit = RateLimit(self.algorithm.push_rate, self.algorithm.push_bytes_rate)
         self.counts = {"steps": 0, "examples": 0, "fetches": 0, "pushes": 0,
-                       "skipped_fetches": 0, "deferred_pushes": 0}
+                       "skipped_fetches": 0, "deferred_pushes": 0, "bad_batches": 0}
         self._fetching: asyncio.Task[None] | None = None
         self._pushing: asyncio.Task[None] | None = None
         self._pending_steps = 0
@@ -191,12 +195,18 @@ class Replica(Actor):
             rows = np.sort(order[position:position + batch])
             position += batch
             loss = await self._compute(x[rows], y[rows])
-            np.add(self.accum[0], self.grad, out=self.accum[0])
-            self._pending_steps += 1
-            self._loss_sum += loss
-            self._loss_steps += 1
             self.counts["steps"] += 1
-            self.counts["examples"] += batch
+            if math.isfinite(loss) and np.isfinite(self.grad).all():
+                np.add(self.accum[0], self.grad, out=self.accum[0])
+                self._pending_steps += 1
+                self._loss_sum += loss
+                self._loss_steps += 1
+                self.counts["examples"] += batch
+            else:  # a bad row (NaN in the data) spoils one batch, not the run
+                self.counts["bad_batches"] += 1
+                if self.counts["bad_batches"] == 1:
+                    log.warning("replica %d: a batch gave a NaN or Inf loss or gradient; "
+                                "skipping such batches", self.index)
             if self.counts["steps"] % n_push == 0:
                 await self._maybe_push()
             if self.counts["steps"] % n_fetch == 0:
@@ -212,14 +222,16 @@ class Replica(Actor):
 
     async def _compute(self, x: np.ndarray, y: np.ndarray) -> float:
         """One mini-batch: the loss, and the gradient written into `self.grad`."""
-        loss, _ = self.model.loss_and_grad(self.param_views, x, y, self.grad_views)
-        return loss
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss, _ = self.model.loss_and_grad(self.param_views, x, y, self.grad_views)
+        return loss  # NaN or Inf ones are caught and skipped by the caller
 
     # -- fetching ---------------------------------------------------------------
 
     def _maybe_fetch(self) -> None:
         if self._fetching is not None and not self._fetching.done():
-            return  # one fetch in flight at a time; this step uses what it has
+            self.counts["skipped_fetches"] += 1  # one in flight at a time: this one is skipped
+            return
         if not self.fetch_limit.try_take(self.params.nbytes):
             self.counts["skipped_fetches"] += 1
             return
@@ -236,6 +248,8 @@ class Replica(Actor):
             if not self._pushing.done():
                 await self._pushing  # at most one push in flight: its buffer is busy
             self._pushing.result()
+        if not self._pending_steps:
+            return  # every batch since the last push was spoiled: nothing to send
         if not self.push_limit.try_take(self.params.nbytes):
             self.counts["deferred_pushes"] += 1
             return

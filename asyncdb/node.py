@@ -331,16 +331,7 @@ class Node:
     async def _read(self, peer: str, channel: Channel) -> None:
         error: BaseException = ChannelClosed(f"channel from node {peer} closed")
         try:
-            while True:
-                try:
-                    frame = await channel.receive()
-                    later = self._dispatch(peer, frame)
-                    del frame  # in-place arrays free their ring space once handled
-                    if later is not None:
-                        await later
-                except DecodeError as exc:
-                    log.warning("node %s: rejected a malformed frame from %s: %s",
-                                self.id, peer, exc)
+            await channel.pump(lambda item: self._handle(peer, item))
         except ChannelClosed as exc:
             error = exc
         except asyncio.CancelledError:
@@ -381,6 +372,16 @@ class Node:
                 callback(peer, error)
             except Exception:
                 log.exception("node %s: peer-lost callback failed", self.id)
+
+    def _handle(self, peer: str, item: Frame | DecodeError) -> Coroutine[Any, Any, None] | None:
+        """One arriving frame (or the error a malformed one raised), from the channel."""
+        try:
+            if isinstance(item, DecodeError):
+                raise item
+            return self._dispatch(peer, item)
+        except DecodeError as exc:
+            log.warning("node %s: rejected a malformed frame from %s: %s", self.id, peer, exc)
+            return None
 
     def _dispatch(self, peer: str, frame: Frame) -> Coroutine[Any, Any, None] | None:
         """Route one frame; return the rare follow-up that must be awaited (an error

@@ -4,6 +4,7 @@ the statements over the slice."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -48,11 +49,34 @@ class UpdateRule:
             raise ConfigError(f"bad options for {name}: {exc}") from exc
 
 
+def _positive(rule: UpdateRule, *names: str, allow_zero: bool = False) -> None:
+    """ConfigError unless each named option is a finite number above zero (or zero)."""
+    for name in names:
+        value: Any = getattr(rule, name)
+        number = None if isinstance(value, bool | str) else _as_float(value)
+        ok = number is not None and math.isfinite(number) and (
+            number > 0 or (allow_zero and number == 0))
+        if not ok:
+            bound = "at least 0" if allow_zero else "above 0"
+            raise ConfigError(f"{type(rule).__name__}: {name} must be a finite number "
+                              f"{bound}, got {value!r}")
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class SGD(UpdateRule):
     """Plain stochastic gradient descent (Robbins and Monro, 1951)."""
 
     lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
 
     def statements(self) -> list[tuple[str, str]]:
         return [("param", "param - lr * grad")]
@@ -70,6 +94,10 @@ class Adagrad(UpdateRule):
     initial_accumulator: float = 0.1
 
     state: ClassVar[tuple[str, ...]] = ("accum",)
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps")
+        _positive(self, "initial_accumulator", allow_zero=True)
 
     def statements(self) -> list[tuple[str, str]]:
         return [("accum", "accum + grad * grad"),

@@ -36,25 +36,24 @@ from asyncdb.transport.shm import DEFAULT_RING_BYTES, ShmChannel, ShmEndpoint, c
 from .errors import AsyncDBError, ChannelClosed
 from .node import Node
 from .system import SYSTEM
+from .tunables import node_tunables
 
 log = logging.getLogger("asyncdb.process")
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMEXPR_NUM_THREADS", "NUMEXPR_MAX_THREADS", "VECLIB_MAXIMUM_THREADS")
-# Copies of 4 MiB and more (frames into and out of the rings) use non-temporal stores:
-# they skip the read-for-ownership of cache lines the other process reads next. glibc
-# on x86 otherwise starts only near the size of the last-level cache. Kept if the user
-# set GLIBC_TUNABLES; ignored by other C libraries.
-NODE_TUNABLES = "glibc.cpu.x86_non_temporal_threshold=0x400000"
 DEFAULT_FROZEN_AFTER = 10.0
 # Called with (node id, reason) when a child dies unexpectedly or is found frozen.
 NodeFailure = Callable[[str, str], None]
 
 
 def node_environment(threads: int | None) -> dict[str, str]:
-    """The environment node processes start with."""
+    """The environment node processes start with: the C library tuning measured for
+    this machine (`asyncdb.tunables`), one BLAS thread each unless told otherwise."""
     env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", NODE_TUNABLES)
+    tuning = node_tunables()
+    if tuning is not None:
+        env["GLIBC_TUNABLES"] = tuning
     if threads is not None:
         for var in THREAD_VARS:
             env[var] = str(threads)
@@ -119,6 +118,8 @@ class LocalNodes:
         await self.close()
 
     async def start(self) -> list[str]:
+        # Measured once per driver process, off the event loop (a few small processes).
+        await self.node.loop.run_in_executor(None, node_tunables)
         everyone = [self.node.id, *self.ids]
         links: dict[str, list[tuple[str, ShmEndpoint]]] = {i: [] for i in everyone}
         for a, b in itertools.combinations(everyone, 2):

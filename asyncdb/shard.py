@@ -160,16 +160,25 @@ class ParameterShard(Actor):
             raise
 
     def push(self, grad: Any, fetched_version: Any) -> dict[str, Any]:
+        """Apply `grad` computed from parameters of version `fetched_version`. The update
+        is checked after it is computed, not by bounding the gradient first: the new
+        parameters and optimizer state go to spare buffers and are adopted only if all
+        finite, so a finite gradient that would overflow (SGD to -inf, an Adagrad
+        accumulator to inf) is rejected with the shard intact."""
         self._check(grad)
         assert isinstance(grad, np.ndarray)
-        if not isinstance(fetched_version, int) or fetched_version < 0:
-            self.rejected += 1
-            raise UpdateRejected(f"shard {self.index}: bad version {fetched_version!r}")
+        if not _is_version(fetched_version):
+            self._reject(f"bad version {fetched_version!r}")
         start = time.perf_counter()
-        self.updater.apply(self.values, grad)
+        values = self.updater.step(self.values, grad)
         seconds = time.perf_counter() - start
         self.update_seconds += seconds
         self.update_counts[bisect.bisect_left(UPDATE_BUCKETS, seconds)] += 1
+        if values is None:
+            self._reject("the update would make parameters or optimizer state "
+                         "overflow to Inf or NaN")
+        assert values is not None
+        self.values = values
         staleness = max(0, self.version - fetched_version)
         self.version += 1
         self.staleness_sum += staleness
@@ -187,9 +196,12 @@ class ParameterShard(Actor):
         elif not np.isfinite(grad).all():
             problem = "gradient holds NaN or Inf"
         if problem is not None:
-            self.rejected += 1
-            log.warning("shard %d rejected a push: %s", self.index, problem)
-            raise UpdateRejected(f"shard {self.index}: {problem}; parameters unchanged")
+            self._reject(problem)
+
+    def _reject(self, problem: str) -> None:
+        self.rejected += 1
+        log.warning("shard %d rejected a push: %s", self.index, problem)
+        raise UpdateRejected(f"shard {self.index}: {problem}; parameters unchanged")
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -204,19 +216,33 @@ class ParameterShard(Actor):
         }
 
     def restore(self, message: dict[str, Any]) -> int:
+        """Adopt a checkpoint; every part is checked before anything changes."""
         values = np.asarray(message["values"], self.values.dtype).reshape(-1)
         if values.shape != self.values.shape:
             raise UpdateRejected(f"shard {self.index}: checkpoint shape {values.shape} "
                                  f"does not match {self.values.shape}")
+        version = message.get("version", 0)
+        if not _is_version(version):
+            raise UpdateRejected(f"shard {self.index}: bad checkpoint version {version!r}")
         state = message.get("state") or {}
+        states = {name: np.asarray(saved, self.updater.state[name].dtype).reshape(-1)
+                  for name, saved in state.items() if name in self.updater.state}
+        if any(saved.shape != self.values.shape for saved in states.values()):
+            raise UpdateRejected(f"shard {self.index}: checkpoint state shape does not match")
+        if not all(np.isfinite(a).all() for a in (values, *states.values())):
+            raise UpdateRejected(f"shard {self.index}: checkpoint holds NaN or Inf")
         if self.lbfgs is not None:
             self.lbfgs.restore(state)
         self.values[...] = values
-        for name, saved in state.items():
-            if name in self.updater.state:
-                self.updater.state[name][...] = saved
-        self.version = int(message.get("version", 0))
+        for name, saved in states.items():
+            self.updater.state[name][...] = saved
+        self.version = version
         return self.version
+
+
+def _is_version(value: Any) -> bool:
+    """A version number: an int (not a bool) in [0, 2**63)."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 async def fetch_parameters(shards: Sequence[ActorRef], bounds: Sequence[tuple[int, int]],

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from .actor import Actor, ActorRef
 from .data import from_network
-from .errors import ConfigError
+from .errors import AsyncDBError, ConfigError
 from .registry import register_actor, resolve
+
+if TYPE_CHECKING:
+    from .node import Node
 
 log = logging.getLogger("asyncdb.system")
 
@@ -192,3 +195,17 @@ class SystemActor(Actor):
             raise ConfigError(f"node {node.id} dials only the peers its operator listed "
                               f"(asyncdb serve --peers); {url[:200]!r} is not one of them")
         return await node.dialer(url)
+
+
+async def actor_alive(node: Node, ref: ActorRef, timeout: float = 10.0) -> bool:
+    """Whether the actor `ref` still runs, asked of its node's system actor (False if
+    that node is gone or does not answer)."""
+    if ref.node_id == node.id:
+        return ref.name in node.actors()
+    if ref.node_id not in node.peers():
+        return False
+    try:
+        info = await node.ref(ref.node_id, SYSTEM).ask({"op": "ping"}, timeout=timeout)
+    except AsyncDBError:
+        return False
+    return isinstance(info, dict) and ref.name in info.get("actors", [])

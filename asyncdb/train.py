@@ -321,13 +321,15 @@ async def train(args: argparse.Namespace, data: datasets.Dataset,
                      "almost no updates")
     dashboard = Dashboard(cluster, title=f"asyncdb train: {model} on {data.name}")
     with StopOnSignal(cluster, console) as stopper:
-        async with dashboard, cluster:
-            if args.dashboard is not None:
+        async with dashboard:
+            if args.dashboard is not None:  # before the cluster starts: a bad address fails
                 console.write(f"dashboard: {await dashboard.start(args.dashboard)}")
-            run = await cluster.train(model, data, algorithm=algorithm, optimizer=optimizer,
-                                      epochs=args.epochs, seed=args.seed,
-                                      eval_every=args.eval_every, engine=args.engine,
-                                      on_progress=dashboard.chain(console.progress))
+            async with cluster:
+                run = await cluster.train(model, data, algorithm=algorithm,
+                                          optimizer=optimizer, epochs=args.epochs,
+                                          seed=args.seed, eval_every=args.eval_every,
+                                          engine=args.engine,
+                                          on_progress=dashboard.chain(console.progress))
             dashboard.finish()
         run.config["command"] = {k: v for k, v in vars(args).items() if k != "func"}
         _report(console, run, args)

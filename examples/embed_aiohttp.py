@@ -4,6 +4,7 @@ shards' current parameters while training goes on.
     python examples/embed_aiohttp.py [--host 127.0.0.1] [--port 8080] [--epochs 200]
     curl localhost:8080/status
     curl -X POST localhost:8080/predict -d '{"rows": [[0, 0, 5, 13, ...64 pixels]]}'
+    open http://localhost:8080/dashboard/    (live curves; /dashboard/metrics for Prometheus)
 
 Rows are raw pixels (0 to 16), as in the data file; the data set's preprocessing is
 applied before predicting. The app listens on 127.0.0.1 unless told otherwise; a body
@@ -28,6 +29,7 @@ from asyncdb.models import MLP
 
 CLUSTER = web.AppKey("cluster", asyncdb.Cluster)
 STATE = web.AppKey("state", dict)
+DASHBOARD = web.AppKey("dashboard", asyncdb.Dashboard)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -66,9 +68,10 @@ async def training(app: web.Application, epochs: float) -> None:
         run = await app[CLUSTER].train(
             state["model"], state["data"], algorithm=asyncdb.Downpour(batch_size=32),
             optimizer=asyncdb.Adagrad(lr=0.05), epochs=epochs, eval_every=0.2,
-            on_progress=lambda entry: state.update(latest=entry))
+            on_progress=app[DASHBOARD].chain(lambda entry: state.update(latest=entry)))
         state.update(final=run.params, latest=run.final)
     finally:
+        app[DASHBOARD].finish()
         state["training"] = False
         state["ended"].set()
 
@@ -80,6 +83,7 @@ def make_app(epochs: float = 200, replicas: int = 1, shards: int = 1) -> web.App
                   "final": None, "data": data,
                   "model": MLP([data.n_features, 128, data.n_classes])}
     app[CLUSTER] = asyncdb.Cluster.local(shards=shards, replicas=replicas)
+    app[DASHBOARD] = asyncdb.Dashboard(app[CLUSTER], title="embedded training")
 
     async def lifetime(app: web.Application) -> Any:
         async with app[CLUSTER]:
@@ -92,6 +96,7 @@ def make_app(epochs: float = 200, replicas: int = 1, shards: int = 1) -> web.App
     app.cleanup_ctx.append(lifetime)
     app.router.add_get("/status", status)
     app.router.add_post("/predict", predict)
+    app.add_subapp("/dashboard/", app[DASHBOARD].app())  # the dashboard's routes, mounted
     return app
 
 

@@ -37,7 +37,7 @@ Index = tuple[slice, ...]
 
 
 def split_span(n: int, parts: int) -> list[Span]:
-    """`parts` contiguous spans covering range(n), sizes within one (larger first)."""
+    """`parts` contiguous spans covering range(n), sizes within one (larger last)."""
     if not 1 <= parts <= n:
         raise ValueError(f"cannot split {n} units into {parts} partitions")
     edges = [n * i // parts for i in range(parts + 1)]

@@ -126,3 +126,41 @@ async def test_close_wakes_a_blocked_sender(pair):
     await b.close()
     with pytest.raises(ChannelClosed):
         await asyncio.wait_for(task, 5)
+
+
+async def test_pump_hands_over_every_frame_in_order_and_waits_for_follow_ups(pair):
+    a, b = pair
+    sizes = [0, 3, 100_000, 0, 7]
+    got: list[bytes] = []
+    follow_ups: list[int] = []
+
+    async def follow_up(i: int) -> None:
+        await asyncio.sleep(0)
+        follow_ups.append(i)
+
+    def handler(item):
+        assert not isinstance(item, Exception)
+        i = int(item.meta)
+        assert follow_ups == list(range(0, i, 4))  # each one finished before the next frame
+        got.append(item.meta)
+        return follow_up(i) if i % 4 == 0 else None
+
+    pump = asyncio.create_task(b.pump(handler))
+    for i, size in enumerate(sizes * 10):
+        await a.send(frame(i, size))
+    await a.close()
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(pump, 10)
+    assert got == [str(i).encode() for i in range(len(sizes) * 10)]
+
+
+async def test_pump_ends_with_what_the_handler_raised(pair):
+    a, b = pair
+
+    def handler(item):
+        raise RuntimeError(f"handler failed on {item.meta!r}")
+
+    pump = asyncio.create_task(b.pump(handler))
+    await a.send(frame(5))
+    with pytest.raises(RuntimeError, match="failed on b'5'"):
+        await asyncio.wait_for(pump, 10)

@@ -252,3 +252,8 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     rest, _ = process.communicate(timeout=30)
     assert process.returncode == 130
     assert "stopped at once" in rest and "run saved" not in rest and "Traceback" not in rest
+
+
+def test_a_bad_dashboard_address_fails_clearly():
+    out = asyncdb_cli("train", "--inproc", "--dashboard", "127.0.0.1:http")
+    assert out.returncode == 1 and "ConfigError" in out.stderr and "HOST:PORT" in out.stderr

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -50,9 +52,12 @@ async def test_asynchronous_replicas_see_stale_parameters(digits):
                                   algorithm=asyncdb.Downpour(n_fetch=4, n_push=2,
                                                              batch_size=16), epochs=3)
     assert run.final["staleness_max"] >= 2  # other replicas pushed since the fetch
-    counts = run.replicas[0]
-    assert counts["pushes"] == pytest.approx(counts["steps"] / 2, abs=1)
-    assert counts["fetches"] <= counts["steps"] // 4 + 1
+    for counts in run.replicas.values():
+        assert counts["pushes"] == pytest.approx(counts["steps"] / 2, abs=1)
+        # One fetch to start, then one due every 4 steps: made, or skipped because
+        # the previous one was still in flight; never silently dropped.
+        assert counts["fetches"] + counts["skipped_fetches"] == 1 + counts["steps"] // 4
+        assert counts["fetches"] > counts["steps"] // 8
 
 
 async def test_rate_limits_are_obeyed(digits):
@@ -81,30 +86,93 @@ def test_rate_limit_buckets():
     assert all(unlimited.try_take(10**9) for _ in range(100))
 
 
-async def test_warm_start_trains_one_replica_first(digits):
-    algorithm = asyncdb.Downpour(batch_size=32, warm_start_steps=30)
+def record_pushes(monkeypatch) -> list[int]:
+    """The replica of each push shard 0 receives, in order (progress rides on those)."""
+    order: list[int] = []
+    receive = asyncdb.ParameterShard.receive
+
+    async def recording(self, message):
+        if isinstance(message, dict) and isinstance(message.get("progress"), dict):
+            order.append(int(message["progress"]["replica"]))
+        return await receive(self, message)
+
+    monkeypatch.setattr(asyncdb.ParameterShard, "receive", recording)
+    return order
+
+
+@pytest.mark.parametrize("warm", [0, 30])
+async def test_warm_start_trains_one_replica_first(digits, monkeypatch, warm):
+    pushes = record_pushes(monkeypatch)
+    algorithm = asyncdb.Downpour(batch_size=32, warm_start_steps=warm)
     async with asyncdb.Cluster.inproc(shards=1, replicas=2) as cluster:
         run = await cluster.train(small_mlp(digits), digits, algorithm=algorithm, epochs=2)
     assert run.replicas[0]["steps"] == run.replicas[1]["steps"]  # same budget overall
     assert run.final["test_accuracy"] > 0.8
+    assert set(pushes) == {0, 1} and len(pushes) == run.shards[0]["updates"]
+    # Replica 0 alone for the warm-up; without it the replicas interleave at once.
+    assert (pushes[:warm] == [0] * warm) and (1 in pushes[: warm + 5])
+
+
+async def under_way(cluster) -> None:
+    """Return once the shards' parameters have moved: training is under way."""
+    first = None
+    while True:
+        await asyncio.sleep(0.05)
+        try:
+            now = await cluster.parameters()
+        except asyncdb.ConfigError:  # the run's shards are not placed yet
+            continue
+        if first is None:
+            first = now
+        elif any(not np.array_equal(first[k], now[k]) for k in first):
+            return
+
+
+def teacher_run(cluster, **options):
+    data = asyncdb.datasets.load("teacher", n=20_000, features=64, test=500)
+    algorithm = asyncdb.Downpour(batch_size=16,
+                                 warm_start_steps=options.pop("warm_start_steps", 0))
+    return asyncio.create_task(cluster.train(MLP([64, 64, 10]), data, algorithm=algorithm,
+                                             epochs=3.0, **options))
 
 
 @pytest.mark.slow
-async def test_a_lost_replica_does_not_stop_training():
-    data = asyncdb.datasets.load("teacher", n=20_000, features=64, test=500)
-    model = MLP([64, 64, 10])
+async def test_a_lost_replica_is_noticed_at_once_and_training_goes_on(caplog):
+    caplog.set_level(logging.INFO, "asyncdb.coordinator")
     async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
-        victim = cluster.nodes.ids[2]
-        training = asyncio.create_task(cluster.train(
-            model, data, algorithm=asyncdb.Downpour(batch_size=16), epochs=15.0,
-            eval_every=0.1))
-        await asyncio.sleep(1.0)
-        assert not training.done()
-        cluster.nodes.kill(victim)
-        run = await asyncio.wait_for(training, 60)
+        training = teacher_run(cluster, eval_every=1000.0)  # no evaluation tick to wait for
+        await under_way(cluster)
+        cluster.nodes.kill(cluster.nodes.ids[2])  # replica 1's node
+        run = await training
     assert run.lost == [1]
     assert run.final["replicas"] == 1
     assert run.replicas[0]["steps"] > 0 and run.final["test_accuracy"] > 0.5
+    said = [r.getMessage() for r in caplog.records if r.name == "asyncdb.coordinator"]
+    lost = next(i for i, m in enumerate(said) if m.startswith("replica 1 lost"))
+    finished = next(i for i, m in enumerate(said) if m == "replica 0 finished its steps")
+    assert lost < finished  # seen when it happened, not when the others were done
+
+
+@pytest.mark.slow
+async def test_replica_0_lost_during_warm_start_does_not_end_the_run():
+    async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
+        training = teacher_run(cluster, eval_every=0.2, warm_start_steps=10**6)
+        await under_way(cluster)  # replica 0 is warming up alone
+        cluster.nodes.kill(cluster.nodes.ids[1])  # replica 0's node
+        run = await training
+    assert run.lost == [0]
+    assert run.replicas[1]["steps"] > 0 and run.final["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+async def test_a_lost_shard_fails_the_run_and_is_no_lost_replica(caplog):
+    async with asyncdb.Cluster.local(shards=1, replicas=2) as cluster:
+        training = teacher_run(cluster, eval_every=1000.0)
+        await under_way(cluster)
+        cluster.nodes.kill(cluster.nodes.ids[0])  # the shard's node
+        with pytest.raises((asyncdb.ChannelClosed, asyncdb.ActorDead), match="shard"):
+            await training
+    assert "lost (" not in caplog.text
 
 
 async def test_bad_configurations_are_refused(digits):
@@ -131,3 +199,36 @@ def test_shared_training_data_is_one_copy():
         np.testing.assert_array_equal(opened["x"], x)
         assert not opened["x"].flags.writeable
         assert opened["empty"].shape == (0, 2)
+
+
+async def test_a_nan_in_the_data_spoils_batches_not_the_run(digits):
+    x = digits.x_train.copy()
+    x[5, 3] = np.nan
+    spoiled = dataclasses.replace(digits, x_train=x)
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        run = await cluster.train(small_mlp(digits), spoiled,
+                                  algorithm=asyncdb.Downpour(batch_size=32), epochs=4)
+    counts = run.replicas[0]
+    assert counts["bad_batches"] >= 1  # every pass over the data meets the row once
+    assert counts["examples"] == 32 * (counts["steps"] - counts["bad_batches"])
+    assert np.isfinite(run.final["loss"]) and run.final["test_accuracy"] > 0.8
+    assert all(s["rejected"] == 0 for s in run.shards)
+
+
+@pytest.mark.parametrize("lr", [1e3, 1e30])  # the loss explodes; the update overflows
+async def test_a_diverging_run_stops_with_its_history(digits, lr):
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        with pytest.raises(asyncdb.TrainingDiverged, match="diverged") as info:
+            await cluster.train(small_mlp(digits), digits, optimizer=asyncdb.SGD(lr=lr),
+                                algorithm=asyncdb.Downpour(batch_size=32), epochs=20,
+                                eval_every=0.02)
+    assert isinstance(info.value.history, list)
+    for entry in info.value.history:
+        assert {"time", "loss", "test_accuracy"} <= entry.keys()
+
+
+async def test_a_run_on_data_that_is_all_nan_is_not_reported_done(digits):
+    spoiled = dataclasses.replace(digits, x_train=np.full_like(digits.x_train, np.nan))
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        with pytest.raises(asyncdb.TrainingDiverged, match="NaN or Inf"):
+            await cluster.train(small_mlp(digits), spoiled, epochs=1)

@@ -32,6 +32,7 @@ async def test_embedded_app_answers_while_training():
         digits = example.asyncdb.datasets.load("digits")
         rows = (digits.x_test[:5] * 16).tolist()  # raw pixels: the app preprocesses them
         answered_during_training = 0
+        points = []
         while True:  # until training ends, however long the machine's load makes it
             status = await (await client.get("/status")).json()
             reply = await client.post("/predict", json={"rows": rows})
@@ -39,10 +40,19 @@ async def test_embedded_app_answers_while_training():
             body = await reply.json()
             assert len(body["classes"]) == 5
             answered_during_training += body["training"]
+            mounted = await client.get("/dashboard/api/state")
+            points.append((await mounted.json())["count"])
             if not status["training"]:
                 break
             await asyncio.sleep(0.05)
         assert answered_during_training >= 3
+        assert len(set(points)) >= 3  # the mounted dashboard's history grew while training
+        state = await (await client.get("/dashboard/api/state")).json()
+        assert state["done"] and state["count"] >= 3
+        assert [a["role"] for a in state["actors"]] == ["coordinator", "shard", "replica"]
+        assert (await client.get("/dashboard/")).status == 200
+        metrics = await (await client.get("/dashboard/metrics")).text()
+        assert "asyncdb_examples_total" in metrics
         bad = await client.post("/predict", json={"rows": [[1, 2, 3]]})
         assert bad.status == 400
         for body in (b"{not json", b"[1, 2]", b'{"rows": "abc"}'):

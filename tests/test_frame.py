@@ -195,3 +195,20 @@ def test_unmutated_frames_pass_the_agreement_check():
     frames = _feed_in_chunks(data, [1, 7, 50, 200])
     assert len(frames) == 1
     _same_frame(frames[0], parse_frame(data))
+
+
+def test_the_small_frame_fast_path_agrees_with_parse_frame():
+    from asyncdb.transport.frame import parse_plain
+
+    wire = b"\0" * 7 + encode_frame(3, b'["x",1,2]').to_bytes() + b"tail"
+    fast = parse_plain(wire, 7, len(wire) - 11)
+    full = parse_frame(wire[7:-4])
+    assert fast is not None
+    assert (fast.kind, fast.flags, fast.meta, fast.arrays) == (
+        full.kind, full.flags, full.meta, full.arrays) == (3, 0, b'["x",1,2]', [])
+    with_array = encode_frame(3, b"m", [np.zeros(3, np.float32)]).to_bytes()
+    assert parse_plain(with_array, 0, len(with_array)) is None  # the general path's job
+    good = encode_frame(3, b"meta").to_bytes()
+    for bad in (b"XX" + good[2:], good[:-1], good[:10]):
+        assert parse_plain(bad, 0, len(bad)) is None  # parse_frame says what is wrong
+    assert parse_plain(good, 0, len(good), max_bytes=len(good) - 1) is None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -83,10 +84,13 @@ async def test_serve_exposes_metrics_apart_from_the_websocket_listener(tmp_path)
                 MLP([64, 64, 10]), data, epochs=40, eval_every=0.05,
                 on_progress=lambda entry: entry["examples"] and first.set()))
             await asyncio.wait_for(first.wait(), 60)
+            where = {(a["role"], a["pid"]) for a in cluster.describe()}
             async with ClientSession() as session, session.get(metrics_url) as reply:
                 assert reply.status == 200
                 during = samples(await reply.text())
             await training
+        assert where == {("coordinator", os.getpid()), ("shard", proc.pid),
+                         ("replica", proc.pid)}  # the peer reported its own pid
         assert during["asyncdb_replicas_alive"] == 1
         assert during["asyncdb_examples_total"] > 0
         assert during["asyncdb_shard_updates_total"] > 0

@@ -234,3 +234,17 @@ async def test_partitions_spread_over_serve_peers(tmp_path, digits):
     finally:
         for peer in peers:
             peer.stop()
+
+
+def test_partitioned_layout_keeps_each_partition_contiguous_and_user_shapes():
+    model = MLP([5, 7, 3])
+    layout = PartitionedLayout(model, 2)
+    tensors = model.init_params(np.random.default_rng(1))
+    flat = layout.flatten(tensors)
+    back = layout.tensors(flat)
+    assert all(np.array_equal(back[k], tensors[k]) for k in tensors)
+    lo, hi = layout.block_bounds[0]  # partition 0: W0[:, :3], b0[:3], W1[:3], b1
+    expected = np.concatenate([tensors["W0"][:, :3].ravel(), tensors["b0"][:3],
+                               tensors["W1"][:3].ravel(), tensors["b1"]])
+    assert np.array_equal(flat[lo:hi], expected)
+    assert layout.block_bounds[1] == (hi, layout.size) and layout.size == model.num_params()

@@ -84,3 +84,38 @@ def test_blocked_engine_compiles_general_expressions_and_refuses_others():
         Updater(Bad(), 10, "blocked", 1)
     with pytest.raises(ConfigError):
         Updater(SGD(), 10, "gpu", 1)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf"), -float("inf"), True])
+@pytest.mark.parametrize("make", [lambda v: SGD(lr=v), lambda v: Adagrad(lr=v),
+                                  lambda v: Adagrad(eps=v)])
+def test_learning_rates_and_eps_must_be_finite_and_positive(make, bad):
+    with pytest.raises(ConfigError, match="finite number above 0"):
+        make(bad)
+
+
+def test_bad_options_from_a_config_are_config_errors():
+    with pytest.raises(ConfigError):
+        UpdateRule.from_config({"rule": "sgd", "lr": float("nan")})
+    with pytest.raises(ConfigError):
+        UpdateRule.from_config({"rule": "adagrad", "initial_accumulator": -1.0})
+
+
+@pytest.mark.parametrize("engine", ["blocked", "numexpr"])
+def test_checked_step_matches_apply_and_refuses_overflow(engine):
+    rng = np.random.default_rng(3)
+    size = BLOCK + 5
+    rule = Adagrad(lr=0.1, initial_accumulator=0.1)
+    in_place, checked = Updater(rule, size, engine, 2), Updater(rule, size, engine, 2)
+    param = rng.standard_normal(size).astype(np.float32)
+    grad = rng.standard_normal(size).astype(np.float32)
+    ours = param.copy()
+    in_place.apply(ours, grad)
+    stepped = checked.step(param.copy(), grad)
+    np.testing.assert_array_equal(stepped, ours)
+    np.testing.assert_array_equal(checked.state["accum"], in_place.state["accum"])
+    accum = checked.state["accum"].copy()
+    grad[-1] = 3e38  # only the last block overflows
+    assert checked.step(stepped, grad) is None
+    np.testing.assert_array_equal(checked.state["accum"], accum)
+    np.testing.assert_array_equal(stepped, ours)

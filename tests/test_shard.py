@@ -95,3 +95,46 @@ def test_layout_views_and_balanced_bounds():
     np.testing.assert_array_equal(layout.flatten(views), flat)
     with pytest.raises(asyncdb.ConfigError):
         layout.shard_bounds(0)
+
+
+async def spawn_shard(node, optimizer, values=None):
+    values = np.arange(10, dtype=np.float32) if values is None else values
+    ref = await node.spawn(asyncdb.ParameterShard, config={
+        "index": 0, "values": values, "optimizer": optimizer.to_config(), "threads": 1})
+    return ShardClient([ref], [(0, 10)]), node.actor(ref.name)
+
+
+@pytest.mark.parametrize("engine", ["blocked", "numexpr"])
+@pytest.mark.parametrize("optimizer", [asyncdb.SGD(lr=10.0), asyncdb.Adagrad(lr=0.1)])
+async def test_a_finite_gradient_that_would_overflow_leaves_the_shard_intact(engine, optimizer):
+    async with asyncdb.Node("ps") as node:
+        ref = await node.spawn(asyncdb.ParameterShard, config={
+            "index": 0, "values": np.arange(10, dtype=np.float32),
+            "optimizer": optimizer.to_config(), "threads": 1, "engine": engine})
+        client = ShardClient([ref], [(0, 10)])
+        await client.push(np.full(10, 1e3, np.float32), [0])  # an ordinary step first
+        before = await client.checkpoint()
+        huge = np.full(10, 3e38, np.float32)  # finite; its square or lr * it is not
+        with pytest.raises(asyncdb.UpdateRejected, match="overflow"):
+            await client.push(huge, [1])
+        after = await client.checkpoint()
+        np.testing.assert_array_equal(after[0].values, before[0].values)
+        for name, state in before[0].state.items():
+            np.testing.assert_array_equal(after[0].state[name], state)
+        assert np.isfinite(after[0].values).all() and after[0].version == 1
+        await client.push(np.ones(10, np.float32), [1])  # and it goes on learning
+        assert np.isfinite(await client.parameters()).all()
+        assert (await client.stats())[0]["rejected"] == 1
+
+
+@pytest.mark.parametrize("version", [True, False, 2**63, -1, 1.0, "1"])
+async def test_versions_must_be_plain_ints_in_range(version):
+    async with asyncdb.Node("ps") as node:
+        client, actor = await spawn_shard(node, asyncdb.SGD(lr=0.5))
+        with pytest.raises(asyncdb.UpdateRejected, match="version"):
+            actor.push(np.ones(10, np.float32), version)
+        [saved] = await client.checkpoint()
+        with pytest.raises(asyncdb.UpdateRejected, match="version"):
+            actor.restore({"values": saved.values, "state": saved.state, "version": version})
+        np.testing.assert_array_equal(await client.parameters(), np.arange(10))
+        actor.push(np.ones(10, np.float32), 2**63 - 1)  # the largest version is fine

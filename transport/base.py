@@ -16,7 +16,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .errors import DecodeError
 from .frame import Frame, OutFrame
+
+# Takes each arriving frame (or the DecodeError a malformed one raised); returns None,
+# or a follow-up that must finish before the next frame is handed over.
+FrameHandler = Callable[[Frame | DecodeError], Awaitable[None] | None]
 
 
 class Channel(ABC):
@@ -31,6 +36,20 @@ class Channel(ABC):
     @abstractmethod
     async def receive(self) -> Frame:
         """The next frame from the peer; `ChannelClosed` once there will be none."""
+
+    async def pump(self, handler: FrameHandler) -> None:
+        """Hand every frame to `handler`, in order, until the channel closes; then raise
+        ChannelClosed (or what `handler` raised). Channels that can call `handler`
+        straight from their wake-up, without a task switch per frame, override this."""
+        while True:
+            try:
+                item: Frame | DecodeError = await self.receive()
+            except DecodeError as exc:
+                item = exc
+            later = handler(item)
+            del item  # frames read in place free their buffer space once handled
+            if later is not None:
+                await later
 
     @abstractmethod
     async def close(self) -> None:

@@ -22,6 +22,7 @@ arrive and returns whole frames. Neither does I/O, and every malformed input rai
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -241,6 +242,21 @@ def check_header(buf: bytes | bytearray | memoryview, max_bytes: int) -> int:
     if total < HEADER.size + meta_len:
         raise DecodeError(f"frame length {total} is shorter than its header and metadata")
     return int(total)
+
+
+def parse_plain(buf: bytes | bytearray | memoryview | mmap.mmap, offset: int, nbytes: int,
+                max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame | None:
+    """The small-frame fast path: the frame of `nbytes` at `offset` in `buf` if it is
+    well-formed and carries no arrays (its metadata copied out), else None, and
+    `parse_frame` (which says what is wrong) decides."""
+    if nbytes < HEADER.size:
+        return None
+    magic, version, kind, flags, n_arrays, meta_len, total = HEADER.unpack_from(buf, offset)
+    if (n_arrays or magic != MAGIC or version != VERSION or not kind or total != nbytes
+            or total > max_bytes or HEADER.size + meta_len != total):
+        return None
+    start = offset + HEADER.size
+    return Frame(kind, flags, bytes(buf[start : start + meta_len]), [])
 
 
 def parse_frame(

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
-from .frame import Frame, OutFrame, Resolver, align, parse_frame
+from .frame import Frame, OutFrame, Resolver, align, parse_frame, parse_plain
 from .pool import BufferPool
 
 INPLACE_MIN_BYTES = 64 << 10
@@ -226,6 +226,14 @@ class RingReader:
     def _take_whole(self, body: int, nbytes: int) -> None:
         end = self._read_pos
         keep = nbytes >= INPLACE_MIN_BYTES
+        if not keep:  # most messages: no arrays, metadata copied straight out
+            plain = parse_plain(self._mm, self._base + body, nbytes, self.max_frame_bytes)
+            if plain is not None:
+                self._consumed(end)
+                self.stats["frames_received"] += 1
+                self.stats["copied"] += 1
+                self.inbox.append(plain)
+                return
         if keep:
             # A base array of its own, so its finalizer runs after the last view dies.
             region = np.frombuffer(self._mm, np.uint8, nbytes, self._base + body)

@@ -122,12 +122,17 @@ def run_baseline(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return result
 
 
-async def _downpour(data: Any, s: Settings, replicas: int) -> dict[str, Any]:
+async def _downpour(data: Any, s: Settings, replicas: int, full: bool = False
+                    ) -> dict[str, Any]:
+    """The run's final entry; with `full`, also its seconds and per-replica counts."""
     algorithm = Downpour(n_fetch=s.n_fetch, n_push=s.n_push, batch_size=s.batch_size)
     async with Cluster.local(shards=s.shards, replicas=replicas, colocate=s.colocate) as cluster:
         result = await cluster.train(
             MLP(s.sizes), data, algorithm=algorithm, optimizer=Adagrad(lr=s.adagrad_lr),
             epochs=1.0, seed=s.seed, eval_every=3600.0)
+    if full:
+        return {"final": result.final, "seconds": result.seconds,
+                "replicas": result.replicas}
     return result.final
 
 

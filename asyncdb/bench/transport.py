@@ -1,7 +1,9 @@
 """`asyncdb bench transport`: the shared-memory ring against this machine's floors.
 
 Every figure comes from one run of this command, so ratios compare like with like on a
-noisy machine: memcpy and a raw eventfd ping-pong are measured beside the actors.
+noisy machine: the raw references (`bench.floors`: memcpy, a copy out of memfd memory
+in a node-like process, eventfd round trips blocking and through the event loop, a
+`multiprocessing.Queue` round trip) are measured beside the actors.
 
 Bulk transfer is measured two ways. `shm_bulk`: the sender's 16 MiB arrays live in
 shared memory (`asyncdb.shared`, three buffers in turn, each reused once the receiver
@@ -26,120 +28,23 @@ import numpy as np
 from ..actor import Actor, ActorRef
 from ..errors import ConfigError
 from ..node import Node
-from ..process import LocalNodes, node_environment
+from ..process import LocalNodes
 from ..registry import register_actor
 from ..system import PeerPolicy
 from ..transport import shared
+from ..tunables import node_tunables, probe_figures
+from .floors import (
+    BULK_BYTES,
+    SHARED_BUFFERS,
+    eventfd_loop_rtt_us,
+    eventfd_rtt_us,
+    in_node_environment,
+    memcpy_floor_gbps,
+    mp_queue_rtt_us,
+)
 
-BULK_BYTES = 16 << 20
 BULK_RING_BYTES = 64 << 20
-SHARED_BUFFERS = 3
-
-
-def memcpy_gbps(nbytes: int = 64 << 20, repeat: int = 10) -> float:
-    """Single-thread copy of a float32 array in this process."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
-
-
-_PONG = textwrap.dedent("""
-    import os, sys
-    ping, pong, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    for _ in range(n):
-        os.eventfd_read(ping)
-        os.eventfd_write(pong, 1)
-""")
-
-
-def in_node_environment(function: str) -> float:
-    """Run `asyncdb.bench.transport.<function>()` in a process started like a node
-    (same environment, C library tuning included); return its figure."""
-    code = f"from asyncdb.bench.transport import {function}; print({function}())"
-    out = subprocess.run([sys.executable, "-c", code], env=node_environment(None),
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
-
-
-def memcpy_floor_gbps() -> float:
-    """The physical floor for moving bytes: the faster of a copy in this process and
-    one in a process started as nodes are (whose large copies may be non-temporal)."""
-    return max(memcpy_gbps(), in_node_environment("memcpy_gbps"))
-
-
-def eventfd_rtt_us(n: int = 5000, warmup: int = 200) -> float:
-    """A raw two-process eventfd ping-pong: the floor for a woken-up round trip."""
-    import os
-
-    ping, pong = os.eventfd(0), os.eventfd(0)
-    child = subprocess.Popen([sys.executable, "-c", _PONG, str(ping), str(pong),
-                              str(n + warmup)], pass_fds=(ping, pong))
-    try:
-        for _ in range(warmup):
-            os.eventfd_write(ping, 1)
-            os.eventfd_read(pong)
-        start = time.perf_counter()
-        for _ in range(n):
-            os.eventfd_write(ping, 1)
-            os.eventfd_read(pong)
-        return (time.perf_counter() - start) / n * 1e6
-    finally:
-        child.wait()
-        os.close(ping)
-        os.close(pong)
-
-
-_HANDOFF = textwrap.dedent("""
-    import mmap, os, sys
-    import numpy as np
-    memfd, n, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    full, empty = [int(x) for x in sys.argv[4:6]], [int(x) for x in sys.argv[6:8]]
-    mm = mmap.mmap(memfd, 2 * size)
-    slots = [np.frombuffer(mm, np.float32, size // 4, i * size) for i in range(2)]
-    own = np.empty(size // 4, np.float32)
-    for k in range(n):
-        os.eventfd_read(full[k % 2])
-        np.copyto(own, slots[k % 2])
-        os.eventfd_write(empty[k % 2], 1)
-""")
-
-
-def handoff_gbps(nbytes: int = BULK_BYTES, n: int = 48) -> float:
-    """A raw two-slot shared-memory handoff between two processes, eventfd-signalled,
-    the receiver copying each payload out: what this machine allows without a ring."""
-    import mmap
-    import os
-
-    memfd = os.memfd_create("asyncdb-bench")
-    os.ftruncate(memfd, 2 * nbytes)
-    full = [os.eventfd(0), os.eventfd(0)]
-    empty = [os.eventfd(1), os.eventfd(1)]
-    fds = (memfd, *full, *empty)
-    child = subprocess.Popen([sys.executable, "-c", _HANDOFF, str(memfd), str(n + 4),
-                              str(nbytes), *map(str, full), *map(str, empty)], pass_fds=fds)
-    mm = mmap.mmap(memfd, 2 * nbytes)
-    slots = [np.frombuffer(mm, np.float32, nbytes // 4, i * nbytes) for i in range(2)]
-    payload = np.ones(nbytes // 4, np.float32)
-    try:
-        for k in range(n + 4):
-            if k == 4:
-                start = time.perf_counter()
-            os.eventfd_read(empty[k % 2])
-            np.copyto(slots[k % 2], payload)
-            os.eventfd_write(full[k % 2], 1)
-        child.wait()
-        return n * nbytes / (time.perf_counter() - start) / 1e9
-    finally:
-        child.wait()
-        del slots
-        mm.close()
-        for fd in fds:
-            os.close(fd)
+NN_ACTORS = 4  # actors on each side of the n:n figure
 
 
 @register_actor("asyncdb.bench.Sink")
@@ -186,7 +91,7 @@ class Driver(Actor):
                                  for _ in range(count)]
         return self._shared[key]
 
-    async def receive(self, message: dict[str, Any]) -> float:
+    async def receive(self, message: dict[str, Any]) -> float | list[float]:
         target: ActorRef = message["target"]
         n, op = int(message["n"]), message["op"]
         await target.ask("count")
@@ -213,6 +118,12 @@ class Driver(Actor):
             for i in range(n):
                 await target.tell(i)
             await target.ask("count")
+        elif op == "ask_all":  # one ask to every target at once, n times: (start, end)
+            targets: list[ActorRef] = message["targets"]
+            start = time.perf_counter()
+            for _ in range(n):
+                await asyncio.gather(*(t.ask(0) for t in targets))
+            return [start, time.perf_counter()]
         else:
             start = time.perf_counter()
             for _ in range(n):
@@ -233,10 +144,29 @@ async def _timed(node: Node, first: str, second: str, op: str, n: int, nbytes: i
     return times[1:]
 
 
-async def run(repeat: int = 5, bulk_messages: int = 64, asks: int = 3000,
+async def _n_to_n(node: Node, first: str, second: str, n: int, repeat: int) -> list[float]:
+    """NN_ACTORS drivers on one node each asking all NN_ACTORS sinks on the other at
+    once, `n` times: asks per second over the span from the first start to the last end
+    (perf_counter is the system's monotonic clock, the same in every process)."""
+    sinks = [await node.spawn(Sink, node=second) for _ in range(NN_ACTORS)]
+    drivers = [await node.spawn(Driver, node=first) for _ in range(NN_ACTORS)]
+    rates = []
+    for _ in range(repeat + 1):
+        spans = await asyncio.gather(*(d.ask({"op": "ask_all", "n": n, "target": sinks[0],
+                                               "targets": sinks}, timeout=300)
+                                       for d in drivers))
+        seconds = max(end for _s, end in spans) - min(start for start, _e in spans)
+        rates.append(n * NN_ACTORS * NN_ACTORS / seconds)
+    for ref in (*drivers, *sinks):
+        await node.ref(ref.node_id, "_system").ask({"op": "stop", "name": ref.name})
+    return rates[1:]
+
+
+async def run(repeat: int = 9, bulk_messages: int = 64, asks: int = 3000,
               tells: int = 100_000, ws_messages: int = 64) -> dict[str, Any]:
-    samples: dict[str, list[float]] = {"memcpy_gbps": [], "eventfd_rtt_us": [],
-                                       "handoff_gbps": []}
+    samples: dict[str, list[float]] = {name: [] for name in (
+        "memcpy_gbps", "memfd_copy_gbps", "eventfd_rtt_us", "eventfd_loop_rtt_us",
+        "mp_queue_rtt_us", "handoff_gbps")}
     async with Node("bench") as node, LocalNodes(node, 2, ring_bytes=BULK_RING_BYTES) as nodes:
         first, second = nodes.ids
         bulk = await _timed(node, first, second, "bulk_shared", bulk_messages, BULK_BYTES,
@@ -244,30 +174,54 @@ async def run(repeat: int = 5, bulk_messages: int = 64, asks: int = 3000,
         copied = await _timed(node, first, second, "bulk", bulk_messages, BULK_BYTES, repeat)
         rtt = await _timed(node, first, second, "ask", asks, 0, repeat)
         tell = await _timed(node, first, second, "tell", tells, 0, repeat)
+        n_to_n = await _n_to_n(node, first, second, asks // NN_ACTORS, repeat)
     ws_figures = await websocket_figures(repeat, ws_messages, asks)
     for _ in range(repeat):
         samples["memcpy_gbps"].append(memcpy_floor_gbps())
+        samples["memfd_copy_gbps"].append(in_node_environment("memfd_copy_gbps"))
         samples["eventfd_rtt_us"].append(eventfd_rtt_us())
+        samples["eventfd_loop_rtt_us"].append(await eventfd_loop_rtt_us())
+        samples["mp_queue_rtt_us"].append(mp_queue_rtt_us())
         samples["handoff_gbps"].append(in_node_environment("handoff_gbps"))
     samples.update(ws_figures.pop("samples"))
     samples["shm_bulk_gbps"] = [bulk_messages * BULK_BYTES / t / 1e9 for t in bulk]
     samples["shm_bulk_copied_gbps"] = [bulk_messages * BULK_BYTES / t / 1e9 for t in copied]
     samples["ask_rtt_us"] = [t / asks * 1e6 for t in rtt]
     samples["tell_msgs_per_s"] = [tells / t for t in tell]
+    samples["ask_n_to_n_per_s"] = n_to_n
+    return _figures(samples, repeat, ws_figures)
+
+
+def _figures(samples: dict[str, list[float]], repeat: int,
+             ws_figures: dict[str, Any]) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in samples.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return round(med[a] / med[b], 3)
+
     return {
         "memcpy_gbps": round(med["memcpy_gbps"], 3),
+        "memfd_copy_gbps": round(med["memfd_copy_gbps"], 3),
         "shm_bulk_gbps": round(med["shm_bulk_gbps"], 3),
-        "shm_bulk_ratio": round(med["shm_bulk_gbps"] / med["memcpy_gbps"], 3),
+        "shm_bulk_ratio": ratio("shm_bulk_gbps", "memcpy_gbps"),
+        "shm_bulk_memfd_ratio": ratio("shm_bulk_gbps", "memfd_copy_gbps"),
         "shm_bulk_copied_gbps": round(med["shm_bulk_copied_gbps"], 3),
-        "shm_bulk_copied_ratio": round(med["shm_bulk_copied_gbps"] / med["memcpy_gbps"], 3),
+        "shm_bulk_copied_ratio": ratio("shm_bulk_copied_gbps", "memcpy_gbps"),
         "handoff_gbps": round(med["handoff_gbps"], 3),
-        "handoff_ratio": round(med["handoff_gbps"] / med["memcpy_gbps"], 3),
+        "handoff_ratio": ratio("handoff_gbps", "memcpy_gbps"),
         "eventfd_rtt_us": round(med["eventfd_rtt_us"], 1),
+        "eventfd_loop_rtt_us": round(med["eventfd_loop_rtt_us"], 1),
+        "mp_queue_rtt_us": round(med["mp_queue_rtt_us"], 1),
         "ask_rtt_us": round(med["ask_rtt_us"], 1),
-        "ask_rtt_ratio": round(med["ask_rtt_us"] / med["eventfd_rtt_us"], 3),
+        "ask_rtt_ratio": ratio("ask_rtt_us", "eventfd_rtt_us"),
+        "ask_rtt_loop_ratio": ratio("ask_rtt_us", "eventfd_loop_rtt_us"),
+        "ask_rtt_mp_queue_ratio": ratio("ask_rtt_us", "mp_queue_rtt_us"),
         "tell_msgs_per_s": round(med["tell_msgs_per_s"]),
+        "ask_n_to_n_per_s": round(med["ask_n_to_n_per_s"]),
+        "n_to_n_actors": NN_ACTORS,
         **ws_figures,
+        "node_tunables": node_tunables(),
+        "tunables_probe_gbps": {k: round(v, 3) for k, v in probe_figures.items()},
         "message_bytes": BULK_BYTES,
         "ring_bytes": BULK_RING_BYTES,
         "repeat": repeat,

@@ -24,7 +24,9 @@ const perKey = (now, before, key, label) => {
 };
 const CHARTS = [
   {id: "loss", title: "training loss", y: (e) => ({loss: e.loss})},
-  {id: "accuracy", title: "validation accuracy", y: (e) => ({accuracy: accuracy(e)})},
+  {id: "accuracy", title: "validation accuracy (test accuracy without a split)",
+   y: (e) => (e.val_accuracy !== undefined && e.val_accuracy !== null)
+     ? {validation: e.val_accuracy} : {test: e.test_accuracy}},
   {id: "replica_rate", title: "examples/s per replica",
    y: (e, p) => perKey(e, p, "replica_examples", "replica")},
   {id: "staleness", title: "staleness (versions)",

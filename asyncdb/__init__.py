@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import datasets
 from .actor import Actor, ActorRef
 from .checkpoint import CheckpointStore
-from .cluster import Cluster, Run
+from .cluster import Cluster
 from .coordinator import Coordinator
 from .dashboard import Dashboard
 from .downpour import Downpour, Replica
@@ -38,6 +38,7 @@ from .optim import SGD, Adagrad, UpdateRule
 from .params import ParameterLayout
 from .process import LocalNodes
 from .registry import register_actor
+from .runs import Run, SavedModel, load
 from .sandblaster import Sandblaster
 from .shard import ParameterShard
 from .shard_client import ShardCheckpoint, ShardClient
@@ -77,6 +78,7 @@ __all__ = [
     "Replica",
     "Run",
     "Sandblaster",
+    "SavedModel",
     "ShardCheckpoint",
     "ShardClient",
     "Supervisor",
@@ -88,6 +90,7 @@ __all__ = [
     "VersionMismatch",
     "__version__",
     "datasets",
+    "load",
     "register_actor",
     "run",
     "shared",

@@ -1,4 +1,8 @@
-"""The `asyncdb` command: train, serve, bench."""
+"""The `asyncdb` command: train, predict, evaluate, serve, bench.
+
+Every input error is one line on stderr (exit code 2 for bad arguments, 1 for the rest),
+never a traceback; `-v` adds the logs.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,19 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import numpy as np
 
 from .errors import AsyncDBError, ConfigError
 from .loop import run
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line, not the usage text and a line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:
@@ -62,9 +75,38 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import Console, load_data, train
 
-    run(train(args))
+    console = Console()
+    data = load_data(args, console)
+    _, code = run(train(args, data, console))
+    return code
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .datasets import read_features
+    from .runs import load
+
+    saved = load(args.model)
+    classes = saved.predict(read_features(args.data, args.label or saved.label))
+    if args.output is None:
+        np.savetxt(sys.stdout, classes, fmt="%d")
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        np.savetxt(args.output, classes, fmt="%d", header="label", comments="")
+        print(f"{len(classes)} predictions written to {args.output}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .datasets.files import read_arrays
+    from .runs import load
+
+    saved = load(args.model)
+    arrays = read_arrays(args.data, args.label or saved.label)
+    result = saved.evaluate(arrays["x"], arrays["y"])
+    print(f"{args.data}: {result['rows']} rows, loss {result['loss']:.4f}, "
+          f"accuracy {result['accuracy']:.4f}")
     return 0
 
 
@@ -89,15 +131,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_saved_model_commands(sub: Any) -> None:
+    predict = sub.add_parser("predict", help="predict the class of each row with a saved run")
+    evaluate = sub.add_parser("evaluate", help="loss and accuracy of a saved run on data")
+    for command in (predict, evaluate):
+        command.add_argument("--model", required=True, type=Path, metavar="DIR",
+                             help="a run directory (asyncdb train --save DIR)")
+        command.add_argument("--data", required=True, type=Path, metavar="FILE",
+                             help=".npz (key x, and y to evaluate) or .csv with a header")
+        command.add_argument("--label", metavar="NAME",
+                             help="CSV label column (default: the one the run trained on)")
+    predict.add_argument("-o", "--output", type=Path, metavar="FILE",
+                         help="write a CSV with one label per row (default: stdout)")
+    predict.set_defaults(func=_predict)
+    evaluate.set_defaults(func=_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncdb", description=__doc__)
+    parser = Parser(prog="asyncdb", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     from .train import add_arguments
 
     train = sub.add_parser("train", help="train with Downpour SGD (defaults work as they are)")
     add_arguments(train)
     train.set_defaults(func=_train)
+    _add_saved_model_commands(sub)
     serve = sub.add_parser("serve", help="run a node that other hosts' drivers can use")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT")
     serve.add_argument("--secret-file", required=True, type=Path,
@@ -170,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except AsyncDBError as exc:
         print(f"asyncdb {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # files and sockets the user named
+        print(f"asyncdb {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -8,14 +8,14 @@ one node process per shard and per replica on this host, linked by shared-memory
 
 from __future__ import annotations
 
-import json
+import contextlib
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from asyncdb.models import Model
 from asyncdb.transport import ws
@@ -32,43 +32,10 @@ from .params import Layout, ParameterLayout
 from .placement import InProcess, LocalProcesses, Placement, RemotePeers
 from .process import LocalNodes
 from .recovery import Recovery
+from .runs import Run
 from .sandblaster import Sandblaster
 from .shard_client import ShardClient
 from .training import DownpourRun, Options
-
-
-@dataclass
-class Run:
-    """What `Cluster.train` returns. `history` holds one entry per evaluation: time,
-    examples, examples_per_s, loss, test_accuracy, staleness_mean, staleness_max,
-    updates, replicas; the last entry is the final evaluation on the whole test set."""
-
-    history: list[dict[str, Any]]
-    params: dict[str, np.ndarray]
-    replicas: dict[int, dict[str, Any]]
-    shards: list[dict[str, Any]]
-    lost: list[int]
-    seconds: float
-    config: dict[str, Any] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    units: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.history[-1]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "history": self.history, "seconds": self.seconds,
-                "lost_replicas": self.lost, "events": self.events, "units": self.units,
-                "replicas": {str(k): v for k, v in self.replicas.items()},
-                "shards": [{k: v for k, v in s.items() if k != "progress"}
-                           for s in self.shards]}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1))
-        return path
 
 
 class Cluster:
@@ -88,6 +55,7 @@ class Cluster:
         self.partitions = partitions
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
+        self._stop_requested = False
         self._started = False
         self._live: tuple[Layout, ShardClient] | None = None  # for parameters()
         self._run: DownpourRun | None = None  # a Downpour run in progress
@@ -219,6 +187,7 @@ class Cluster:
         epochs = 1.0 if epochs is None else epochs
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
+        check_fit(model, data)
         placement = self.placement
         if shard_threads is None:
             shard_threads = placement.shard_threads(self.shards, self.slots)
@@ -229,11 +198,19 @@ class Cluster:
                           resume=resume)
         run = DownpourRun(node, placement, self.shards, self.replicas, model, data,
                           algorithm, optimizer, options, partitions=self.partitions)
+        if self._stop_requested:
+            run.stop()
         self._run = run
+        # in-process replicas compute in this process: one BLAS thread, as in node
+        # processes, and only while the run lasts (the limit acts on the whole process)
+        blas = (threadpool_limits(1) if isinstance(placement, InProcess)
+                else contextlib.nullcontext())
         try:
-            result = await run.execute()
+            with blas:
+                result = await run.execute()
         finally:
             self._run = None
+        stopped, self._stop_requested = self._stop_requested, False
         layout = run.layout
         return Run(
             history=result["history"], params=dict(layout.tensors(result["params"])),
@@ -244,10 +221,27 @@ class Cluster:
                     "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
-                    "engine": engine, "shard_threads": shard_threads, "seed": seed,
-                    "data": data.name, "checkpoint_dir": None if checkpoint_dir is None
-                    else str(checkpoint_dir), "checkpoint_every": checkpoint_every,
-                    "resume": None if resume is None else str(resume)})
+                    "seed": seed, "eval_every": eval_every, "eval_rows": eval_rows,
+                    "engine": engine, "shard_threads": shard_threads, "data": data.name,
+                    "features": data.n_features, "classes": data.n_classes,
+                    "rows": {"train": len(data.x_train), "validation": len(data.x_val),
+                             "test": len(data.x_test)},
+                    "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+                    "checkpoint_every": checkpoint_every, "max_restarts": max_restarts,
+                    "resume": None if resume is None else str(resume)},
+            preprocessing=data.preprocessing, stopped=stopped)
+
+    async def stop_training(self) -> None:
+        """Ask the run in progress to end early: no more units are handed out, replicas
+        leave the units they are doing at their next exchange with a shard (within
+        milliseconds unless rate limits hold them back), the final evaluation is made as
+        usual, and `train` returns a `Run` with `stopped` set. A run that has not
+        started yet stops as soon as it starts."""
+        self._stop_requested = True
+        if self._run is not None:
+            await self._run.stop_now()
+        elif self._live is not None:
+            await self._live[1].stop()
 
     async def _train_sandblaster(self, model: Model, data: Dataset, algorithm: Sandblaster,
                                  epochs: float | None, steps: int | None,
@@ -278,7 +272,9 @@ class Cluster:
             config={"mode": self.placement.name, "shards": self.shards,
                     "replicas": self.replicas, "model": model.to_config(),
                     "algorithm": {"name": "sandblaster", **algorithm.to_config()},
-                    "seed": seed, "data": data.name})
+                    "seed": seed, "data": data.name, "features": data.n_features,
+                    "classes": data.n_classes},
+            preprocessing=data.preprocessing)
 
     @property
     def recovery(self) -> Recovery | None:
@@ -294,3 +290,23 @@ class Cluster:
             raise ConfigError("no training run is in progress")
         layout, client = self._live
         return layout.tensors(await client.parameters())
+
+
+def check_fit(model: Model, data: Dataset) -> None:
+    """Refuse, before anything is spawned, a model that does not take the data's rows
+    or cannot output every class."""
+    sizes = getattr(model, "sizes", None)
+    if isinstance(sizes, list | tuple) and sizes:
+        if int(sizes[0]) != data.n_features:
+            raise ConfigError(f"{model} takes {sizes[0]} features, but {data.name} has "
+                              f"{data.n_features}")
+        if int(sizes[-1]) < data.n_classes:
+            raise ConfigError(f"{model} has {sizes[-1]} outputs, but {data.name} has "
+                              f"{data.n_classes} classes")
+    params = model.init_params(np.random.default_rng(0))
+    rows = min(2, len(data.x_train))
+    labels = np.full(rows, data.n_classes - 1, np.int64)
+    try:
+        model.loss_and_grad(params, data.x_train[:rows], labels)
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"{model} does not fit {data}: {exc}") from exc

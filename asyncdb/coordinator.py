@@ -55,7 +55,8 @@ class Coordinator(Actor):
     network_spawn = False
 
     def __init__(self, model: dict[str, Any], client: ShardClient, x_test: np.ndarray,
-                 y_test: np.ndarray, eval_every: float = 2.0, eval_rows: int = 2000,
+                 y_test: np.ndarray, x_val: np.ndarray | None = None,
+                 y_val: np.ndarray | None = None, eval_every: float = 2.0, eval_rows: int = 2000,
                  on_progress: Progress | None = None, events: Events | None = None,
                  recovery: Recovery | None = None, checkpointer: Checkpointer | None = None,
                  rows: tuple[np.ndarray, np.ndarray] | None = None,
@@ -73,7 +74,12 @@ class Coordinator(Actor):
         self.done_before = list(done or [])  # units a resumed run did before
         self.versions = versions if versions is not None else {}  # shard -> last seen
         self.scheduler: UnitScheduler | None = None
+        self.stopping = False
         self.x_test, self.y_test = x_test, y_test
+        # evaluations during training use the validation rows; the test rows only the end
+        self.has_val = x_val is not None and y_val is not None and len(x_val) > 0
+        self.x_val: np.ndarray = x_val if x_val is not None and self.has_val else x_test
+        self.y_val: np.ndarray = y_val if y_val is not None and self.has_val else y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
         self.on_progress = on_progress
@@ -95,14 +101,22 @@ class Coordinator(Actor):
         return await self.shards.parameters()
 
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
+        """A history entry; `rows=None` is the final one, on every test row."""
         flat = await self.params()
         stats = await self.shards.stats()
         for i, shard in enumerate(stats):
             self.versions[i] = max(self.versions.get(i, 0), int(shard["version"]))
         views = self.layout.tensors(flat)
-        n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverged run is judged below
-            accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if rows is None:
+                accuracy = {"val_accuracy": (self.model.accuracy(views, self.x_val, self.y_val)
+                                             if self.has_val else None),
+                            "test_accuracy": self.model.accuracy(views, self.x_test,
+                                                                 self.y_test)}
+            else:
+                n = min(rows, len(self.x_val))
+                accuracy = {"val_accuracy": self.model.accuracy(views, self.x_val[:n],
+                                                                self.y_val[:n])}
         progress = stats[0]["progress"].values()
         examples = sum(int(p["examples"]) for p in progress)
         elapsed = time.perf_counter() - self._started
@@ -112,7 +126,7 @@ class Coordinator(Actor):
             "examples": examples,
             "examples_per_s": examples / elapsed if elapsed > 0 else 0.0,
             "loss": float(np.mean([p["loss"] for p in progress])) if progress else None,
-            "test_accuracy": accuracy,
+            **accuracy,
             "staleness_mean": (sum(s["staleness_mean"] * s["updates"] for s in stats)
                                / updates if updates else 0.0),
             "staleness_max": max(int(s["staleness_max"]) for s in stats),
@@ -128,6 +142,7 @@ class Coordinator(Actor):
 
     def stop(self) -> None:
         """Hand out no more units; the run ends once the ones in flight are done."""
+        self.stopping = True
         if self.scheduler is not None:
             self.scheduler.stop()
 
@@ -153,6 +168,8 @@ class Coordinator(Actor):
                                   shard_nodes=self._shard_nodes,
                                   shards_gone=self._shards_gone)
         self.scheduler = scheduler
+        if self.stopping:
+            scheduler.stop()
         self.lost = scheduler.lost
         summaries: dict[int, dict[str, Any]] = {}
         done: set[int] = set(self.done_before)

@@ -245,7 +245,11 @@ class Replica(Actor):
             self._stale = False
         order = np.arange(start, stop)
         position = len(order)
+        done = 0
         for _ in range(steps):
+            if self.client.stopping:  # a shard said the run is ending early
+                break
+            done += 1
             if position + batch > len(order):
                 self.rng.shuffle(order)
                 position = 0
@@ -272,7 +276,7 @@ class Replica(Actor):
         await self._flush()
         seconds = time.perf_counter() - began
         return {**self.counts, "seconds": seconds, "replica": self.index,
-                "generation": self.generation, "steps_done": steps, "batch_size": batch}
+                "generation": self.generation, "steps_done": done, "batch_size": batch}
 
     async def _abandon(self) -> None:
         """A unit failed (a shard went away): it will be done again, so drop what it
@@ -348,7 +352,7 @@ class Replica(Actor):
     async def _flush(self) -> None:
         if self._pushing is not None:
             await self._pushing
-        if self._pending_steps:
+        if self._pending_steps and not self.client.stopping:
             await self.push_limit.take(self.params.nbytes)
             self._start_push()
             assert self._pushing is not None

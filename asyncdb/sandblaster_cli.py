@@ -10,8 +10,9 @@ from typing import Any, TextIO
 
 from asyncdb.models import MLP
 
-from .cluster import Cluster, Run
+from .cluster import Cluster
 from .datasets import Dataset
+from .runs import Run
 from .sandblaster import Sandblaster
 
 

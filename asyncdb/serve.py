@@ -50,6 +50,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen: port {port} is out of range (0 to 65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -98,7 +100,10 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
     loopback unless a host is given), the figures of the shards and replicas on this
     node are served at /metrics there, apart from the authenticated listener."""
     for module in imports:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"--import {module}: {exc}") from exc
     host, port = parse_listen(listen)
     node_id = name or f"{socket.gethostname()}:{port}"
     try:
@@ -117,9 +122,13 @@ async def serve(listen: str, secret: bytes, *, name: str | None = None,
         log.info("node %s: %s connected", node.id, peer)
         node.connect(peer, channel)
 
-    runner = await ws.listen(host, port, secret, node.id, on_channel,
-                             ssl_context=ssl_context, max_frame_bytes=max_frame_bytes,
-                             max_pending=max_pending, auth_timeout=auth_timeout)
+    try:
+        runner = await ws.listen(host, port, secret, node.id, on_channel,
+                                 ssl_context=ssl_context, max_frame_bytes=max_frame_bytes,
+                                 max_pending=max_pending, auth_timeout=auth_timeout)
+    except OSError as exc:
+        await node.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     bound = ws.bound_port(runner)
     scheme = "wss" if ssl_context else "ws"
     print(f"asyncdb serve: node {node.id} listening on {scheme}://{host}:{bound}", flush=True)

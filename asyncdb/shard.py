@@ -2,8 +2,9 @@
 applies pushed gradients in place with its update rule, and reports what it saw.
 
 Messages (dicts with an "op"; `ShardClient` is the caller's side):
-    fetch [lo, hi]            -> {"values", "version"} (the slice, or [lo, hi) of it)
-    push  grad, version       -> {"version", "staleness"}; UpdateRejected if bad
+    fetch [lo, hi]            -> {"values", "version", "stop"} (the slice, or [lo, hi))
+    push  grad, version       -> {"version", "staleness", "stop"}; UpdateRejected if bad
+    stop                      -> None; from now on fetch and push replies say "stop"
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
     restore values, state, version
@@ -69,6 +70,7 @@ class ParameterShard(Actor):
         # incarnation that was replaced (it froze, then woke up) is refused
         self.fences: dict[int, int] = {}
         self.fenced = 0
+        self.stopping = False  # the run is ending early: replies tell the replicas
 
     @classmethod
     def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
@@ -110,6 +112,9 @@ class ParameterShard(Actor):
         if op == "fetch":
             return self.fetch(message.get("lo", 0), message.get("hi", len(self.values)),
                               message.get("vector", "x"))
+        if op == "stop":
+            self.stopping = True
+            return None
         if op == "stats":
             return self.stats()
         if op == "checkpoint":
@@ -160,7 +165,7 @@ class ParameterShard(Actor):
                 raise UpdateRejected(f"shard {self.index}: no vector named {vector!r}")
             values = self.lbfgs.vectors[vector]
         self.fetches += 1
-        return {"values": values[lo:hi], "version": self.version}
+        return {"values": values[lo:hi], "version": self.version, "stop": self.stopping}
 
     def sandblaster(self, op: str, message: dict[str, Any]) -> Any:
         vectors = self.lbfgs
@@ -186,7 +191,7 @@ class ParameterShard(Actor):
             log.warning("shard %d rejected %s: %s", self.index, op, exc)
             raise
 
-    def push(self, grad: Any, fetched_version: Any) -> dict[str, int]:
+    def push(self, grad: Any, fetched_version: Any) -> dict[str, Any]:
         """Apply `grad` computed from parameters of version `fetched_version`. The update
         is checked after it is computed, not by bounding the gradient first: the new
         parameters and optimizer state go to spare buffers and are adopted only if all
@@ -210,7 +215,7 @@ class ParameterShard(Actor):
         self.version += 1
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
-        return {"version": self.version, "staleness": staleness}
+        return {"version": self.version, "staleness": staleness, "stop": self.stopping}
 
     def _check(self, grad: Any) -> None:
         problem = None

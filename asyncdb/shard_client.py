@@ -46,6 +46,7 @@ class ShardClient:
             raise ConfigError(f"shard bounds {self.bounds} are not contiguous")
         self.size = self.bounds[-1][1]
         self.meter = meter
+        self.stopping = False  # a shard's reply said the run is ending early
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -83,6 +84,7 @@ class ShardClient:
             reply = await self._ask(shard, message, borrow=True)
             out[a:b] = reply["values"]
             versions[i] = int(reply["version"])
+            self.stopping = self.stopping or bool(reply.get("stop"))
 
         await self._each(one)
         return versions
@@ -99,7 +101,8 @@ class ShardClient:
         """Send each shard its slice of the flat gradient `grad`, with the version of the
         parameters it was computed from; `progress` rides on shard 0's push; `sender`
         (replica, generation) lets shards refuse a replaced incarnation. Each shard
-        answers {"version", "staleness"} or raises `UpdateRejected`."""
+        answers {"version", "staleness", "stop"} or raises `UpdateRejected`. A reply
+        with "stop" (as a fetch's) sets `stopping`: the run is ending early."""
 
         async def one(i: int, shard: ActorRef) -> dict[str, int]:
             lo, hi = self.bounds[i]
@@ -110,9 +113,15 @@ class ShardClient:
             if i == 0 and progress is not None:
                 message["progress"] = progress
             reply: dict[str, int] = await self._ask(shard, message)
+            self.stopping = self.stopping or bool(reply.get("stop"))
             return reply
 
         return await self._each(one)
+
+    async def stop(self) -> None:
+        """End the run early: from now on every shard's replies to fetches and pushes
+        say so, and the replicas finish at their next exchange."""
+        await self._each(lambda _i, shard: shard.ask({"op": "stop"}, timeout=10))
 
     # -- inspection and state -----------------------------------------------------------
 

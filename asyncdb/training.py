@@ -80,7 +80,21 @@ class DownpourRun:
         self.checkpointer: Checkpointer | None = None
         self.spawned: list[ActorRef] = []
         self.coordinator: Coordinator | None = None
+        self.stopping = False
         self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
+
+    def stop(self) -> None:
+        """End the run early once it starts (see `Cluster.stop_training`)."""
+        self.stopping = True
+
+    async def stop_now(self) -> None:
+        """End the run early: no more units, and the replicas leave the ones they are
+        doing at their next exchange with a shard."""
+        self.stopping = True
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        if self.client is not None:
+            await self.client.stop()
 
     def plan(self) -> tuple[list[list[int]], list[int]]:
         """Each replica's rows and its number of mini-batches."""
@@ -147,6 +161,7 @@ class DownpourRun:
             coordinator = await self.node.spawn(Coordinator, config={
                 "model": self.model.to_config(), "client": self.client,
                 "x_test": self.data.x_test, "y_test": self.data.y_test,
+                "x_val": self.data.x_val, "y_val": self.data.y_val,
                 "eval_every": options.eval_every, "eval_rows": options.eval_rows,
                 "on_progress": options.on_progress, "events": self.events,
                 "recovery": self.recovery, "checkpointer": self.checkpointer,
@@ -158,6 +173,8 @@ class DownpourRun:
             actor = self.node.actor(coordinator.name)
             assert isinstance(actor, Coordinator)
             self.coordinator = actor
+            if self.stopping:
+                await self.stop_now()
             result: dict[str, Any] = await coordinator.ask(
                 {"op": "run", "replicas": replicas,
                  "units": [[u.id, u.home, u.start, u.stop, u.steps, u.warm] for u in units]},

@@ -1,10 +1,14 @@
 """An aiohttp web app that trains in the background and serves predictions from the
 shards' current parameters while training goes on.
 
-    python examples/embed_aiohttp.py [--port 8080] [--epochs 200]
+    python examples/embed_aiohttp.py [--host 127.0.0.1] [--port 8080] [--epochs 200]
     curl localhost:8080/status
     curl -X POST localhost:8080/predict -d '{"rows": [[0, 0, 5, 13, ...64 pixels]]}'
     open http://localhost:8080/dashboard/    (live curves; /dashboard/metrics for Prometheus)
+
+Rows are raw pixels (0 to 16), as in the data file; the data set's preprocessing is
+applied before predicting. The app listens on 127.0.0.1 unless told otherwise; a body
+that is not JSON, or rows of the wrong shape, get 400.
 
 Training runs in node processes (`Cluster.local`), so the app's event loop only routes
 messages: requests are answered at once, whatever the replicas are doing.
@@ -34,12 +38,16 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def predict(request: web.Request) -> web.Response:
-    body = await request.json()
-    rows = np.asarray(body.get("rows"), np.float32)
     model: MLP = request.app[STATE]["model"]
-    if rows.ndim != 2 or rows.shape[1] != model.sizes[0]:
+    try:
+        body = await request.json()
+        rows = np.asarray(body["rows"], np.float32)
+    except (ValueError, TypeError, KeyError):
+        raise web.HTTPBadRequest(text='send JSON: {"rows": [[...], ...]}') from None
+    if rows.ndim != 2 or rows.shape[1] != model.sizes[0] or not np.isfinite(rows).all():
         raise web.HTTPBadRequest(text=f"rows must be a list of {model.sizes[0]}-vectors")
     state = request.app[STATE]
+    rows = state["data"].preprocessing.apply(rows)  # raw pixels, as the model was trained
     params = None
     if state["training"]:
         try:
@@ -94,7 +102,9 @@ def make_app(epochs: float = 200, replicas: int = 1, shards: int = 1) -> web.App
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this host only)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--epochs", type=float, default=200)
     args = parser.parse_args()
-    web.run_app(make_app(args.epochs), port=args.port)
+    web.run_app(make_app(args.epochs), host=args.host, port=args.port)

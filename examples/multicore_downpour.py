@@ -24,7 +24,7 @@ async def main(replicas: int, shards: int, epochs: float) -> asyncdb.Run:
             algorithm=asyncdb.Downpour(n_fetch=1, n_push=1, batch_size=32),
             optimizer=asyncdb.Adagrad(lr=0.05), epochs=epochs,
             on_progress=lambda e: print(f"{e['time']:6.2f} s  loss {e['loss']:.4f}  "
-                                        f"test accuracy {e['test_accuracy']:.4f}"))
+                                        f"validation accuracy {e['val_accuracy']:.4f}"))
     final = run.final
     print(f"{replicas} replicas: test accuracy {final['test_accuracy']:.4f}, "
           f"{final['examples_per_s']:.0f} examples/s, staleness {final['staleness_mean']:.2f}")

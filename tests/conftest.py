@@ -27,6 +27,12 @@ def _children() -> set[int]:
     return found
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Generated data sets are cached in a directory of the test session's own."""
+    os.environ["ASYNCDB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     """Every test leaves /dev/shm as it found it and no child process running."""

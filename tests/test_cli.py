@@ -2,46 +2,62 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+import asyncdb
 
-def asyncdb_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+
+def asyncdb_cli(*args: str, cwd: Path | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asyncdb", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False, cwd=cwd)
+
+
+def no_traceback(out: subprocess.CompletedProcess[str]) -> None:
+    for text in (out.stdout, out.stderr):
+        assert "Traceback" not in text and "never retrieved" not in text, text
 
 
 @pytest.mark.slow
-def test_train_with_defaults_writes_history(tmp_path):
+def test_train_with_defaults_saves_a_run_directory(tmp_path):
     history = tmp_path / "history.json"
-    out = asyncdb_cli("train", "--epochs", "8", "--history", str(history))
+    out = asyncdb_cli("train", "--epochs", "8", "--history", str(history), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout and "ex/s" in out.stdout
-    saved = json.loads(history.read_text())
+    assert "no rate limits" in out.stdout
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("run saved in ")]
+    directory = tmp_path / line.removeprefix("run saved in ").rstrip("/")
+    assert directory.parent == tmp_path / "runs"
+    saved = json.loads((directory / "history.json").read_text())
     assert saved["history"][-1]["test_accuracy"] > 0.9
     assert saved["config"]["replicas"] == 2 and saved["config"]["shards"] == 2
     assert saved["config"]["algorithm"]["n_fetch"] == 1
+    assert json.loads(history.read_text())["history"] == saved["history"]
+    no_traceback(out)
 
 
 def test_train_options_reach_the_run(tmp_path):
     history = tmp_path / "h.json"
     out = asyncdb_cli("train", "--inproc", "--replicas", "3", "--shards", "1", "--optimizer",
                       "sgd", "--lr", "0.2", "--n-push", "2", "--batch-size", "16",
-                      "--epochs", "2", "--history", str(history), "--hidden", "")
+                      "--epochs", "2", "--history", str(history), "--hidden", "",
+                      "--save", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr
     config = json.loads(history.read_text())["config"]
     assert config["optimizer"] == {"rule": "sgd", "lr": 0.2}
     assert config["model"]["sizes"] == [64, 10]
     assert config["algorithm"]["n_push"] == 2 and config["replicas"] == 3
-
-
-def test_bad_arguments_fail_clearly():
-    out = asyncdb_cli("train", "--data", "imagenet")
-    assert out.returncode == 2 and "invalid choice" in out.stderr
-    out = asyncdb_cli("train", "--inproc", "--n-fetch", "0")
-    assert out.returncode != 0 and "n_fetch" in out.stderr
+    command = json.loads((tmp_path / "run" / "options.json").read_text())["command"]
+    assert command["n_push"] == 2 and command["hidden"] == [] and command["inproc"] is True
+    assert command["eval_every"] == 0.5 and command["data"] == "digits"
 
 
 def test_train_sandblaster(tmp_path):
@@ -80,10 +96,162 @@ def test_partitions_without_enough_shards_fail_clearly():
 
 def test_train_prints_the_dashboard_url(tmp_path):
     out = asyncdb_cli("train", "--inproc", "--epochs", "1", "--dashboard",
-                      "--history", str(tmp_path / "h.json"))
+                      "--save", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr
     assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", out.stdout, re.M), out.stdout
     assert re.search(r"ETA .* ex/s .* val acc .* staleness .* lost 0$", out.stdout, re.M)
+
+
+def raw_digits():
+    raw = np.load(Path(asyncdb.datasets.__file__).parent / "digits.npz")
+    return raw["x"].astype(np.float64), raw["y"]
+
+
+def test_own_data_in_trained_model_out(tmp_path):
+    x, y = raw_digits()
+    np.savez(tmp_path / "d.npz", x=x[:1400], y=y[:1400], x_test=x[1400:], y_test=y[1400:])
+    run_dir = tmp_path / "model"
+    out = asyncdb_cli("train", "--inproc", "--data", str(tmp_path / "d.npz"), "--epochs", "10",
+                      "--save", str(run_dir))
+    assert out.returncode == 0, out.stderr
+    assert "train=1260, validation=140, test=397" in out.stdout
+    out = asyncdb_cli("evaluate", "--model", str(run_dir), "--data", str(tmp_path / "d.npz"))
+    assert out.returncode == 0, out.stderr
+    accuracy = float(out.stdout.split("accuracy ")[1])
+    assert accuracy > 0.9  # raw rows in: the saved standardization is applied
+    header = ",".join([*(f"p{i}" for i in range(64)), "digit"])
+    lines = [",".join(map(str, [*row.astype(int), label])) for row, label in zip(x, y,
+                                                                                 strict=True)]
+    (tmp_path / "d.csv").write_text("\n".join([header, *lines[:300]]) + "\n")
+    predictions = tmp_path / "out.csv"
+    out = asyncdb_cli("predict", "--model", str(run_dir), "--data", str(tmp_path / "d.csv"),
+                      "--label", "digit", "-o", str(predictions))
+    assert out.returncode == 0, out.stderr
+    predicted = predictions.read_text().split()
+    assert predicted[0] == "label" and len(predicted) == 301
+    assert np.mean(np.array(predicted[1:], int) == y[:300]) > 0.9
+    out = asyncdb_cli("predict", "--model", str(run_dir), "--data", str(tmp_path / "d.npz"))
+    assert out.returncode == 0 and len(out.stdout.split()) == 1400
+    out = asyncdb_cli("train", "--inproc", "--data", str(tmp_path / "d.csv"), "--epochs", "1",
+                      "--label", "digit", "--save", str(tmp_path / "csv-run"))
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--hidden", "abc"], "argument --hidden: layer sizes are comma-separated"),
+    (["train", "--hidden", "-5"], "argument --hidden: a layer needs at least 1 unit"),
+    (["train", "--epochs", "0"], "argument --epochs: must be above 0"),
+    (["train", "--epochs", "-3"], "argument --epochs: must be above 0"),
+    (["train", "--lr", "0"], "argument --lr: must be above 0"),
+    (["train", "--lr", "-0.1"], "argument --lr: must be above 0"),
+    (["train", "--lr", "nan"], "argument --lr: must be above 0"),
+    (["train", "--eval-every", "0"], "argument --eval-every: must be above 0"),
+    (["train", "--n-fetch", "0"], "argument --n-fetch: must be above 0"),
+    (["train", "--replicas", "x"], "argument --replicas: not a number"),
+    (["train", "--data", "imagenet"], "unknown data set 'imagenet'"),
+    (["train", "--data", "missing.npz"], "no such data file: missing.npz"),
+    (["train", "--peers", "host:7070", "--secret-file", "s"], "must start with ws://"),
+    (["serve", "--listen", "127.0.0.1:99999", "--secret-file", "{secret}"],
+     "port 99999 is out of range"),
+    (["serve", "--listen", "127.0.0.1:0", "--secret-file", "{secret}", "--import",
+      "no_such_module_here"], "--import no_such_module_here: No module named"),
+    (["predict", "--model", "nowhere", "--data", "x.npz"], "nowhere is not a saved run"),
+])
+def test_input_errors_are_one_line(tmp_path, args, message):
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    out = asyncdb_cli(*(a.format(secret=secret) for a in args), cwd=tmp_path)
+    assert out.returncode in (1, 2)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert lines[0].startswith(f"asyncdb {args[0]}: ")
+    no_traceback(out)
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = asyncdb_cli("serve", "--listen", f"127.0.0.1:{port}", "--secret-file",
+                          str(secret))
+    assert out.returncode == 1
+    assert out.stderr.strip() == (f"asyncdb serve: ConfigError: cannot listen on 127.0.0.1:"
+                                  f"{port}: error while attempting to bind on address "
+                                  f"('127.0.0.1', {port}): address already in use")
+
+
+def test_bad_data_is_one_line(tmp_path):
+    (tmp_path / "bad.csv").write_text("a,b,label\n1,2,0\n1,2\n")
+    out = asyncdb_cli("train", "--data", str(tmp_path / "bad.csv"))
+    assert out.returncode == 1
+    assert out.stderr.strip().endswith("line 3: 2 fields, but the header has 3")
+    no_traceback(out)
+
+
+def test_rate_limits_are_shown_and_too_low_ones_warned_about(tmp_path):
+    out = asyncdb_cli("train", "--inproc", "--epochs", "2", "--push-bytes-rate", "20000",
+                      "--fetch-rate", "50", "--save", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert "rate limits per replica: fetch <= 50/s, push <= 20000 B/s" in out.stdout
+    assert ("warning: the push limits allow at most 0.52 updates/s per replica (pushes of "
+            "38,440 bytes)") in out.stderr
+    assert "updates/s" in out.stderr.split("the rate limits let through")[1]
+
+
+def start_training(tmp_path, *args):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asyncdb", "train", "--epochs", "100000", "--eval-every", "0.2",
+         *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:  # wait for the first evaluation: training is under way
+        lines.append(line)
+        if "ex/s" in line:
+            return process, lines
+    raise AssertionError("".join(lines))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGINT, 130, "Ctrl-C"),
+                                                   (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_stops_training_and_saves_the_history(tmp_path, sig, code, name):
+    process, lines = start_training(tmp_path)
+    sent = time.monotonic()
+    process.send_signal(sig)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == code, rest
+    assert time.monotonic() - sent < 30  # the target is 2 s; bounds are generous for load
+    text = "".join(lines) + rest
+    stopping = text.index(f"{name}: stopping the run")
+    stopped = text.index("stopped early after")
+    saved = text.index("run saved in ")
+    assert stopping < stopped < saved
+    no_traceback(subprocess.CompletedProcess([], code, text, ""))
+    directory = tmp_path / text[saved:].split()[3].rstrip("/")
+    history = json.loads((directory / "history.json").read_text())
+    assert history["stopped"] is True and history["history"][-1]["test_accuracy"] > 0
+    examples = history["history"][-1]["examples"]
+    assert examples < 100000 * 1294 / 100  # nowhere near the end of the run
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    # with these limits a replica hears of the stop only at its next exchange, 5 s away
+    process, _ = start_training(tmp_path, "--push-rate", "0.2", "--fetch-rate", "0.2")
+    process.send_signal(signal.SIGINT)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "stopping the run" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "stopped at once" in rest and "run saved" not in rest and "Traceback" not in rest
 
 
 def test_a_bad_dashboard_address_fails_clearly():

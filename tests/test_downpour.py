@@ -248,7 +248,7 @@ async def test_a_diverging_run_stops_with_its_history(digits, lr):
                                 eval_every=0.02)
     assert isinstance(info.value.history, list)
     for entry in info.value.history:
-        assert {"time", "loss", "test_accuracy"} <= entry.keys()
+        assert {"time", "loss", "val_accuracy"} <= entry.keys()
 
 
 async def test_a_run_on_data_that_is_all_nan_is_not_reported_done(digits):

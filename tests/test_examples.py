@@ -29,7 +29,8 @@ async def test_embedded_app_answers_while_training():
     example = load("embed_aiohttp")
     app = example.make_app(epochs=150)
     async with TestClient(TestServer(app)) as client:
-        rows = example.asyncdb.datasets.load("digits").x_test[:5].tolist()
+        digits = example.asyncdb.datasets.load("digits")
+        rows = (digits.x_test[:5] * 16).tolist()  # raw pixels: the app preprocesses them
         answered_during_training = 0
         points = []
         while True:  # until training ends, however long the machine's load makes it
@@ -54,6 +55,9 @@ async def test_embedded_app_answers_while_training():
         assert "asyncdb_examples_total" in metrics
         bad = await client.post("/predict", json={"rows": [[1, 2, 3]]})
         assert bad.status == 400
+        for body in (b"{not json", b"[1, 2]", b'{"rows": "abc"}'):
+            malformed = await client.post("/predict", data=body)
+            assert malformed.status == 400, body
         final = await (await client.get("/status")).json()
         assert not final["training"]
         assert final["latest"]["test_accuracy"] > 0.9

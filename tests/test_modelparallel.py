@@ -187,7 +187,8 @@ async def test_two_partitioned_replicas_learn_digits_like_unsplit_ones(digits):
         assert not run.lost
         accuracy[parts] = run.final["test_accuracy"]
     assert accuracy[2] >= 0.96
-    assert abs(accuracy[2] - accuracy[1]) <= 0.01, accuracy
+    # 359 test rows and asynchronous runs: 0.02 is seven rows either way
+    assert abs(accuracy[2] - accuracy[1]) <= 0.02, accuracy
 
 
 @pytest.mark.slow

@@ -23,10 +23,11 @@ from typing import Any
 
 from asyncdb.models import MLP
 
-from ..cluster import Cluster, Run
+from ..cluster import Cluster
 from ..datasets import Dataset, teacher
 from ..downpour import Downpour
 from ..optim import Adagrad
+from ..runs import Run
 from ..training import DEFAULT_CHECKPOINT_EVERY
 
 

@@ -23,11 +23,12 @@ import numpy as np
 
 from asyncdb.models import MLP, Model, SoftmaxRegression
 
-from ..cluster import Cluster, Run
+from ..cluster import Cluster
 from ..datasets import Dataset, load, teacher
 from ..downpour import Downpour
 from ..optim import SGD, Adagrad, UpdateRule
 from ..params import ParameterLayout
+from ..runs import Run
 from ..sandblaster import Sandblaster
 
 

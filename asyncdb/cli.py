@@ -42,6 +42,11 @@ def _bench(args: argparse.Namespace) -> int:
             result = run(sizes.run(settings))
         else:
             result = run(downpour.run(settings, repeat=args.repeat or 3))
+    elif args.what == "chaos":
+        from .bench import chaos
+
+        result = run(chaos.run(chaos.Settings(
+            **({} if args.examples is None else {"examples": args.examples}))))
     elif args.what == "sandblaster":
         from .bench import sandblaster
 
@@ -139,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     plotting.set_defaults(func=plot.main)
     bench = sub.add_parser("bench", help="run a benchmark; prints figures (JSON with --json)")
     bench.add_argument("what", choices=["transport", "downpour", "modelparallel",
-                                        "sandblaster"])
+                                        "sandblaster", "chaos"])
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument("--repeat", type=int, default=None,
                        help="runs per figure, medians reported (transport 9, downpour 3, "

@@ -9,7 +9,6 @@ one node process per shard and per replica on this host, linked by shared-memory
 from __future__ import annotations
 
 import json
-import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,19 +21,20 @@ from asyncdb.models import Model
 from asyncdb.transport import ws
 
 from .actor import ActorRef
-from .coordinator import Coordinator, Progress
+from .coordinator import Progress
 from .datasets import Dataset
-from .downpour import Downpour, Replica
+from .downpour import Downpour
 from .errors import ConfigError
 from .lbfgs import train_sandblaster
-from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import Adagrad, UpdateRule
-from .params import Layout, ParameterLayout, PartitionedLayout, layout_of
-from .placement import InProcess, LocalProcesses, Placement, RemotePeers, split_rows
+from .params import Layout, ParameterLayout
+from .placement import InProcess, LocalProcesses, Placement, RemotePeers
 from .process import LocalNodes
+from .recovery import Recovery
 from .sandblaster import Sandblaster
-from .shard import ParameterShard, fetch_parameters
+from .shard_client import ShardClient
+from .training import DownpourRun, Options
 
 
 @dataclass
@@ -50,6 +50,8 @@ class Run:
     lost: list[int]
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    units: dict[str, int] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "history": self.history, "seconds": self.seconds,
-                "lost_replicas": self.lost,
+                "lost_replicas": self.lost, "events": self.events, "units": self.units,
                 "replicas": {str(k): v for k, v in self.replicas.items()},
                 "shards": [{k: v for k, v in s.items() if k != "progress"}
                            for s in self.shards]}
@@ -87,7 +89,8 @@ class Cluster:
         self.ask_timeout = ask_timeout
         self.node: Node | None = None
         self._started = False
-        self._live: tuple[Layout, list[ActorRef], list[tuple[int, int]]] | None = None
+        self._live: tuple[Layout, ShardClient] | None = None  # for parameters()
+        self._run: DownpourRun | None = None  # a Downpour run in progress
 
     @classmethod
     def inproc(cls, shards: int = 1, replicas: int = 1, *, partitions: int = 1,
@@ -99,12 +102,15 @@ class Cluster:
     @classmethod
     def local(cls, shards: int = 2, replicas: int = 2, *, partitions: int = 1,
               colocate: bool = False, ring_bytes: int | None = None,
-              ask_timeout: float | None = 120.0) -> Cluster:
+              ask_timeout: float | None = 120.0, liveness: float | None = 10.0) -> Cluster:
         """One node process per shard and per replica on this host, shm rings between
         (with `partitions`, one process per partition of each replica); with
         `colocate=True`, no shard processes: shard i lives in the i-th replica (or
-        partition) process, round robin (fewer processes than cores to share)."""
-        return cls(LocalProcesses(colocate, ring_bytes), shards, replicas,
+        partition) process, round robin (fewer processes than cores to share). A node
+        process that dies is noticed at once; one stopped (SIGSTOP) for `liveness`
+        seconds is taken as frozen and killed; either way it is restarted and its
+        actors re-created (see `train`)."""
+        return cls(LocalProcesses(colocate, ring_bytes, liveness), shards, replicas,
                    partitions=partitions, ask_timeout=ask_timeout)
 
     @classmethod
@@ -147,6 +153,14 @@ class Cluster:
         if node is None or node.closed or not self._started:
             return []
         shard_nodes, slot_nodes = self.placement.place(self.shards, self.slots)
+        recovery = None if self._run is None else self._run.recovery
+        if recovery is not None:  # where failed actors were re-created
+            shard_nodes = [recovery.current("shard", i).node if recovery.tracks("shard", i)
+                           else n for i, n in enumerate(shard_nodes)]
+            if self.partitions == 1:
+                slot_nodes = [recovery.current("replica", i).node
+                              if recovery.tracks("replica", i) else n
+                              for i, n in enumerate(slot_nodes)]
         live = {node.id, *node.peers()}
         places: list[tuple[str, int | str, str]] = [("coordinator", 0, node.id)]
         places += [("shard", i, n) for i, n in enumerate(shard_nodes)]
@@ -183,11 +197,18 @@ class Cluster:
                     epochs: float | None = 1.0, steps: int | None = None, seed: int = 0,
                     eval_every: float = 2.0, eval_rows: int = 2000,
                     engine: str = "blocked", shard_threads: int | None = None,
-                    on_progress: Progress | None = None) -> Run:
+                    on_progress: Progress | None = None,
+                    checkpoint_dir: str | Path | None = None,
+                    checkpoint_every: float | None = None, max_restarts: int = 10,
+                    resume: str | Path | None = None) -> Run:
         """Train `model` on `data` with Downpour SGD; return the run's history.
 
         `epochs`: passes over the training data, all replicas together (fractions
         allowed); `steps`: total mini-batches across replicas, instead of epochs.
+        Where nodes can fail (`local`, `connect`), the shards are checkpointed every
+        `checkpoint_every` seconds (default 10), to `checkpoint_dir` if given, and a
+        failed node is replaced up to `max_restarts` times; `resume` continues the run
+        whose checkpoints are in that directory (same model, data and settings).
         """
         node = self.node
         if node is None:
@@ -199,72 +220,34 @@ class Cluster:
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
         placement = self.placement
-        shard_nodes, slot_nodes = placement.place(self.shards, self.slots)
-        layout = layout_of(model, self.partitions)
-        bounds = layout.shard_bounds(self.shards)
-        initial = layout.flatten(model.init_params(np.random.default_rng(seed)))
         if shard_threads is None:
             shard_threads = placement.shard_threads(self.shards, self.slots)
-        n = len(data.x_train)
-        slices = split_rows(n, self.replicas)
-        if any(hi - lo < algorithm.batch_size for lo, hi in slices):
-            raise ConfigError(f"{n} training rows cannot give each of {self.replicas} "
-                              f"replicas a batch of {algorithm.batch_size}")
-        if steps is None:
-            per_replica = [max(1, math.ceil(epochs * (hi - lo) / algorithm.batch_size))
-                           for lo, hi in slices]
-        else:
-            per_replica = [math.ceil(steps / self.replicas)] * self.replicas
-        rows = placement.training_data(data.x_train, data.y_train, slices)
-        specs, slices = rows.specs, rows.slices
-        spawned: list[ActorRef] = []
+        options = Options(epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
+                          eval_rows=eval_rows, engine=engine, shard_threads=shard_threads,
+                          on_progress=on_progress, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every, max_restarts=max_restarts,
+                          resume=resume)
+        run = DownpourRun(node, placement, self.shards, self.replicas, model, data,
+                          algorithm, optimizer, options, partitions=self.partitions)
+        self._run = run
         try:
-            shards = []
-            for i, (lo, hi) in enumerate(bounds):
-                ref = await node.spawn(ParameterShard, node=shard_nodes[i], config={
-                    "index": i, "values": initial[lo:hi], "optimizer": optimizer.to_config(),
-                    "engine": engine, "threads": shard_threads})
-                shards.append(ref)
-            spawned += shards
-            self._live = (layout, shards, bounds)
-            replicas = []
-            for i in range(self.replicas):
-                config = {"data": specs[i], "algorithm": algorithm.to_config(), "seed": seed}
-                nodes = slot_nodes[i * self.partitions:(i + 1) * self.partitions]
-                if isinstance(layout, PartitionedLayout):
-                    ref, refs = await spawn_partitioned_replica(
-                        node, i, model, nodes, shards, bounds, layout.block_bounds, config)
-                    spawned += refs
-                else:
-                    ref = await node.spawn(Replica, node=nodes[0], config={
-                        **config, "index": i, "model": model.to_config(), "shards": shards,
-                        "bounds": [list(b) for b in bounds]})
-                    spawned.append(ref)
-                replicas.append(ref)
-            coordinator = await node.spawn(Coordinator, config={
-                "model": model.to_config(), "shards": shards,
-                "bounds": [list(b) for b in bounds], "x_test": data.x_test,
-                "y_test": data.y_test, "eval_every": eval_every, "eval_rows": eval_rows,
-                "on_progress": on_progress, "partitions": self.partitions})
-            spawned.append(coordinator)
-            result = await coordinator.ask(
-                {"op": "run", "replicas": replicas, "slices": slices, "steps": per_replica,
-                 "warm_start_steps": algorithm.warm_start_steps}, timeout=None)
-            flat = await coordinator.ask({"op": "params"})
+            result = await run.execute()
         finally:
-            self._live = None
-            await self._stop(spawned)
-            rows.close()
+            self._run = None
+        layout = run.layout
         return Run(
-            history=result["history"], params=dict(layout.tensors(np.array(flat))),
+            history=result["history"], params=dict(layout.tensors(result["params"])),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
+            events=result["events"], units=result["units"],
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
                     "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
                     "optimizer": optimizer.to_config(), "epochs": epochs, "steps": steps,
                     "engine": engine, "shard_threads": shard_threads, "seed": seed,
-                    "data": data.name})
+                    "data": data.name, "checkpoint_dir": None if checkpoint_dir is None
+                    else str(checkpoint_dir), "checkpoint_every": checkpoint_every,
+                    "resume": None if resume is None else str(resume)})
 
     async def _train_sandblaster(self, model: Model, data: Dataset, algorithm: Sandblaster,
                                  epochs: float | None, steps: int | None,
@@ -280,7 +263,7 @@ class Cluster:
         layout = ParameterLayout(model.param_shapes())
 
         def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
-            self._live = (layout, shards, bounds)
+            self._live = (layout, ShardClient(shards, bounds))
 
         try:
             result = await train_sandblaster(self.node, self.placement, self.shards,
@@ -297,18 +280,17 @@ class Cluster:
                     "algorithm": {"name": "sandblaster", **algorithm.to_config()},
                     "seed": seed, "data": data.name})
 
+    @property
+    def recovery(self) -> Recovery | None:
+        """The recovery of the Downpour run in progress (its events, its sites), if any."""
+        return None if self._run is None else self._run.recovery
+
     async def parameters(self) -> dict[str, np.ndarray]:
         """The current parameters of the run in progress, fetched from its shards."""
+        run = self._run
+        if run is not None and run.client is not None:
+            return run.layout.tensors(await run.client.parameters())
         if self._live is None:
             raise ConfigError("no training run is in progress")
-        layout, shards, bounds = self._live
-        return layout.tensors(await fetch_parameters(shards, bounds, layout.size))
-
-    async def _stop(self, refs: list[ActorRef]) -> None:
-        assert self.node is not None
-        for ref in reversed(refs):
-            try:
-                await self.node.ref(ref.node_id, "_system").ask(
-                    {"op": "stop", "name": ref.name}, timeout=10)
-            except Exception:  # a node that died with its actors has nothing to stop
-                continue
+        layout, client = self._live
+        return layout.tensors(await client.parameters())

@@ -1,16 +1,17 @@
-"""The coordinator: starts a Downpour run, hands each replica its slice of the data,
+"""The coordinator: runs a Downpour run as units of work handed to the replicas,
 evaluates the shards' current parameters on test data every few seconds, and ends
-the run when every replica has done its steps. A replica that dies is logged and the
-run goes on with the others. A run whose loss turns NaN or Inf or grows past
-`diverge_factor` times the loss of the initial parameters, or whose pushes a shard
-refuses, stops with `TrainingDiverged` carrying the history so far."""
+the run when every unit is done. A unit whose replica (or a shard it needed) failed
+goes to another replica; with recovery, failed actors are re-created and go on. A run
+whose loss turns NaN or Inf or grows past `diverge_factor` times the loss of the initial
+parameters, or whose pushes a shard refuses, stops with `TrainingDiverged` carrying the
+history so far."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,23 @@ import numpy as np
 from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
-from .errors import ActorDead, ChannelClosed, TrainingDiverged, UpdateRejected
+from .data import inline_arrays
+from .downpour import Unit
+from .errors import (
+    ActorDead,
+    ChannelClosed,
+    ConfigError,
+    Timeout,
+    TrainingDiverged,
+    UpdateRejected,
+)
 from .params import layout_of
+from .recovery import Checkpointer, Events, Recovery
 from .registry import register_actor
+from .scheduler import UnitScheduler
 from .shard_client import ShardClient
 from .system import actor_alive
+from .workqueue import WorkQueue
 
 log = logging.getLogger("asyncdb.coordinator")
 
@@ -31,20 +44,35 @@ Progress = Callable[[dict[str, Any]], None]
 
 @register_actor("asyncdb.Coordinator")
 class Coordinator(Actor):
-    """Lives on the driver's node. `on_progress` (a callable, so the coordinator must be
-    spawned in the driver's process) receives each history entry as it is made.
+    """Lives on the driver's node, which holds what it is given beyond plain data:
+    `on_progress` receives each history entry as it is made; `client` is the run's
+    shard client (re-created shards are swapped into it); `recovery` and
+    `checkpointer` make the run survive failed nodes; `rows` and `homes` are the
+    training data and each replica's own rows, given when a replica holds only its own
+    (remote peers): a unit done by another replica then carries its rows.
     Network peers cannot spawn one."""
 
     network_spawn = False
 
-    def __init__(self, model: dict[str, Any], shards: list[ActorRef],
-                 bounds: list[list[int]], x_test: np.ndarray, y_test: np.ndarray,
-                 eval_every: float = 2.0, eval_rows: int = 2000,
-                 on_progress: Progress | None = None, partitions: int = 1,
+    def __init__(self, model: dict[str, Any], client: ShardClient, x_test: np.ndarray,
+                 y_test: np.ndarray, eval_every: float = 2.0, eval_rows: int = 2000,
+                 on_progress: Progress | None = None, events: Events | None = None,
+                 recovery: Recovery | None = None, checkpointer: Checkpointer | None = None,
+                 rows: tuple[np.ndarray, np.ndarray] | None = None,
+                 homes: list[list[int]] | None = None, done: list[int] | None = None,
+                 partitions: int = 1, versions: dict[int, int] | None = None,
                  diverge_factor: float = 10.0) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
-        self.shards = ShardClient(shards, bounds)
+        self.shards = client
+        self.events = events or Events()
+        self.recovery = recovery
+        self.checkpointer = checkpointer
+        self.rows = rows
+        self.homes = homes
+        self.done_before = list(done or [])  # units a resumed run did before
+        self.versions = versions if versions is not None else {}  # shard -> last seen
+        self.scheduler: UnitScheduler | None = None
         self.x_test, self.y_test = x_test, y_test
         self.eval_every = eval_every
         self.eval_rows = eval_rows
@@ -57,8 +85,8 @@ class Coordinator(Actor):
 
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "run":
-            return await self.run(message["replicas"], message["slices"], message["steps"],
-                                  int(message.get("warm_start_steps", 0)))
+            units = [Unit(*u) for u in message["units"]]
+            return await self.run(message["replicas"], units)
         if message.get("op") == "params":
             return await self.params()
         raise ValueError(f"coordinator: unknown op {message.get('op')!r}")
@@ -69,9 +97,11 @@ class Coordinator(Actor):
     async def evaluate(self, rows: int | None, alive: int) -> dict[str, Any]:
         flat = await self.params()
         stats = await self.shards.stats()
+        for i, shard in enumerate(stats):
+            self.versions[i] = max(self.versions.get(i, 0), int(shard["version"]))
         views = self.layout.tensors(flat)
         n = len(self.x_test) if rows is None else min(rows, len(self.x_test))
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged run is judged below
             accuracy = self.model.accuracy(views, self.x_test[:n], self.y_test[:n])
         progress = stats[0]["progress"].values()
         examples = sum(int(p["examples"]) for p in progress)
@@ -96,103 +126,122 @@ class Coordinator(Actor):
             self.on_progress(entry)
         return entry
 
-    async def run(self, replicas: list[ActorRef], slices: list[list[int]], steps: list[int],
-                  warm_start_steps: int) -> dict[str, Any]:
-        """Train: replica 0 alone for the warm start, then every replica at once.
-        A replica's end (done, or lost) is handled the moment it comes; evaluations
-        tick every `eval_every` seconds throughout, warm start included."""
+    def stop(self) -> None:
+        """Hand out no more units; the run ends once the ones in flight are done."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    def unit_message(self, unit: Unit, replica: int) -> dict[str, Any]:
+        """What replica `replica` is asked to do for `unit`."""
+        message = {"op": "train", "start": unit.start, "stop": unit.stop, "steps": unit.steps,
+                   "shards": list(self.shards.shards)}
+        if self.rows is not None and self.homes is not None and unit.home != replica:
+            lo, hi = self.homes[unit.home]  # this replica does not hold those rows
+            message["rows"] = inline_arrays({"x": self.rows[0][lo:hi],
+                                             "y": self.rows[1][lo:hi]})
+        return message
+
+    async def run(self, replicas: list[ActorRef], units: list[Unit]) -> dict[str, Any]:
+        """Do every unit on the replicas (warm units on one replica first), evaluating
+        every `eval_every` seconds and checkpointing the shards as configured."""
+        if not units:
+            raise ConfigError("a run needs at least one unit of work")
         self._started = time.perf_counter()
         self.history = []
         self._baseline = await self._initial_loss()
+        scheduler = UnitScheduler(replicas, self.events, recovery=self.recovery,
+                                  shard_nodes=self._shard_nodes,
+                                  shards_gone=self._shards_gone)
+        self.scheduler = scheduler
+        self.lost = scheduler.lost
         summaries: dict[int, dict[str, Any]] = {}
-        lost: list[int] = []
-        self.lost = lost
-        tasks: dict[asyncio.Future[Any], int] = {}
-        remaining = list(steps)
+        done: set[int] = set(self.done_before)
+        planned = len(done) + len(units)
 
-        def start(index: int, count: int) -> None:
-            lo, hi = slices[index]
-            ask = replicas[index].ask({"op": "train", "start": lo, "stop": hi,
-                                       "steps": count}, timeout=None)
-            tasks[asyncio.ensure_future(ask)] = index
-            remaining[index] -= count
+        def accept(unit: int, replica: int, result: dict[str, Any]) -> None:
+            summaries[replica] = _merge(summaries.get(replica), result)
+            done.add(units[unit].id)
 
-        warming = bool(warm_start_steps and replicas and steps[0])
-        if warming:
-            log.info("warm start: replica 0 trains alone for %d steps",
-                     min(warm_start_steps, steps[0]))
-            start(0, min(warm_start_steps, steps[0]))
-        else:
-            for index, count in enumerate(steps):
-                if count > 0:
-                    start(index, count)
-        loop = asyncio.get_running_loop()
-        next_eval = loop.time() + self.eval_every
+        def send(unit: int, replica: int) -> dict[str, Any]:
+            return self.unit_message(units[unit], replica)
+
+        async def work() -> None:
+            warm = [i for i, u in enumerate(units) if u.warm]
+            if warm:
+                log.info("warm start: one replica trains alone for %d units", len(warm))
+                await scheduler.drain_in_turn(WorkQueue(warm), send, accept)
+            rest = [i for i, u in enumerate(units) if not u.warm]
+            if rest:
+                await scheduler.drain(WorkQueue(rest), scheduler.alive(), send, accept)
+            if self.recovery is not None:
+                await self.recovery.settled()
+
+        if self.checkpointer is not None:
+            shards = len(self.shards)
+            self.checkpointer.state = lambda: {"done": sorted(done), "planned": planned,
+                                               "shards": shards}
+            await self.checkpointer.take()  # what a shard lost before the first period needs
+        await self._supervise(work(), scheduler)
+        seconds = time.perf_counter() - self._started  # training only, not the final test
+        final = await self.evaluate(None, len(scheduler.alive()))
+        self._check_loss(final)
+        self._check_batches(summaries)
+        examples = sum(int(s["examples_done"]) for s in summaries.values())
+        final["examples"] = examples
+        final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
+        return {"history": self.history, "lost": scheduler.lost,
+                "replicas": {str(i): summary for i, summary in summaries.items()},
+                "seconds": seconds, "shards": await self.shards.stats(),
+                "units": {"planned": planned, "done": len(done),
+                          "reassigned": scheduler.reassigned}}
+
+    async def _supervise(self, work: Coroutine[Any, Any, None],
+                         scheduler: UnitScheduler) -> None:
+        """Run `work` with the evaluations and checkpoints beside it; whichever fails
+        first (a diverged loss, a refused push, a recovery that failed) ends the run."""
+        tasks = [asyncio.ensure_future(work),
+                 asyncio.ensure_future(self._evaluate_every(scheduler))]
+        if self.checkpointer is not None:
+            tasks.append(asyncio.ensure_future(self.checkpointer.run()))
         try:
-            while tasks or warming:
-                if warming and not tasks:  # the warm start is over, however it ended
-                    warming = False
-                    for index, count in enumerate(remaining):
-                        if count > 0 and index not in lost:
-                            start(index, count)
-                    continue
-                done, _ = await asyncio.wait(tasks, timeout=max(0.0, next_eval - loop.time()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    index = tasks.pop(task)
-                    result = await self._outcome(task, index, lost)
-                    if result is not None:
-                        summaries[index] = _merge(summaries.get(index), result)
-                if tasks and loop.time() >= next_eval:
-                    self._check_loss(await self.evaluate(self.eval_rows,
-                                                         len(replicas) - len(lost)))
-                    next_eval = loop.time() + self.eval_every
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+            if failed is not None:
+                scheduler.stop()
+                error = failed.exception()
+                assert error is not None
+                if isinstance(error, UpdateRejected):
+                    raise self._diverged(f"a push was refused: {error}") from error
+                raise error
         finally:
             for task in tasks:
                 task.cancel()
-        return await self._result(summaries, lost, len(replicas) - len(lost))
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _result(self, summaries: dict[int, dict[str, Any]], lost: list[int],
-                      alive: int) -> dict[str, Any]:
-        """The final evaluation on the whole test set, checked, and the run's summary."""
-        seconds = time.perf_counter() - self._started  # training only, not the final test
-        final = await self.evaluate(None, alive)
-        self._check_loss(final)
+    async def _evaluate_every(self, scheduler: UnitScheduler) -> None:
+        while True:
+            await asyncio.sleep(self.eval_every)
+            try:
+                entry = await self.evaluate(self.eval_rows, len(scheduler.alive()))
+            except (ChannelClosed, ActorDead, Timeout) as exc:  # a shard is being restored
+                log.info("evaluation skipped: %s", exc)
+                continue
+            self._check_loss(entry)
+
+    async def _shards_gone(self) -> list[int]:
+        """The shards that no longer answer."""
+        return [i for i, ref in enumerate(self.shards.shards)
+                if not await actor_alive(self.node, ref)]
+
+    def _shard_nodes(self) -> list[str]:
+        return [ref.node_id for ref in self.shards.shards]
+
+    def _check_batches(self, summaries: dict[int, dict[str, Any]]) -> None:
         for index, summary in summaries.items():
             bad, done_steps = summary.get("bad_batches", 0), summary.get("steps", 0)
             if done_steps and bad * 2 >= done_steps:
                 raise self._diverged(f"{bad} of replica {index}'s {done_steps} batches gave "
                                      "a NaN or Inf loss or gradient")
-        examples = sum(int(s["examples"]) for s in summaries.values())
-        final["examples"] = examples
-        final["examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        return {"history": self.history, "lost": lost,
-                "replicas": {str(i): summary for i, summary in summaries.items()},
-                "seconds": seconds,
-                "shards": await self.shards.stats()}
-
-    async def _outcome(self, task: asyncio.Future[Any], index: int,
-                       lost: list[int]) -> dict[str, Any] | None:
-        """A replica's summary; None if the replica is lost (noted in `lost`). A
-        replica that failed because a shard went away is no lost replica: with a shard
-        gone the run cannot go on, and fails."""
-        try:
-            result: dict[str, Any] = task.result()
-        except (ChannelClosed, ActorDead) as exc:
-            gone = [i for i, ref in enumerate(self.shards.shards)
-                    if not await actor_alive(self.node, ref)]
-            if gone:
-                log.error("replica %d failed and shards %s are unreachable: %s", index,
-                          gone, exc)
-                raise type(exc)(f"shard {gone[0]} is unreachable, so the run cannot go "
-                                f"on (replica {index}: {exc})") from exc
-            lost.append(index)
-            log.warning("replica %d lost (%s); training goes on without it", index, exc)
-            return None
-        except UpdateRejected as exc:
-            raise self._diverged(f"replica {index}'s push was refused: {exc}") from exc
-        log.info("replica %d finished its steps", index)
-        return result
 
     async def _initial_loss(self) -> float:
         views = self.layout.tensors(await self.params())
@@ -235,7 +284,10 @@ def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
 
 
 def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
-    """A replica's counters are cumulative; its seconds add up across train calls."""
+    """A replica's counters are cumulative (per incarnation); its seconds and the
+    examples of the units it finished add up across units."""
+    examples = after["steps_done"] * after["batch_size"]
     if before is None:
-        return after
-    return {**after, "seconds": before["seconds"] + after["seconds"]}
+        return {**after, "examples_done": examples}
+    return {**after, "seconds": before["seconds"] + after["seconds"],
+            "examples_done": before["examples_done"] + examples}

@@ -45,10 +45,13 @@ class Downpour:
     fetch_bytes_rate: float | None = None
     push_bytes_rate: float | None = None
     warm_start_steps: int = 0
+    unit_steps: int = 100
 
     def __post_init__(self) -> None:
         if self.n_fetch < 1 or self.n_push < 1 or self.batch_size < 1:
             raise ConfigError("n_fetch, n_push and batch_size must be at least 1")
+        if self.unit_steps < 1:
+            raise ConfigError("unit_steps must be at least 1")
         if self.warm_start_steps < 0:
             raise ConfigError("warm_start_steps cannot be negative")
         for name in ("fetch_rate", "push_rate", "fetch_bytes_rate", "push_bytes_rate"):
@@ -58,6 +61,44 @@ class Downpour:
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of Downpour work: `steps` mini-batches over rows [start, stop) of the
+    slice of replica `home`. `warm` units run before the other replicas join."""
+
+    id: int
+    home: int
+    start: int
+    stop: int
+    steps: int
+    warm: bool = False
+
+
+def plan_units(slices: list[list[int]], steps: list[int], unit_steps: int,
+               warm_start_steps: int = 0) -> list[Unit]:
+    """Cut each replica's share (`steps[i]` mini-batches over `slices[i]`) into units of
+    at most `unit_steps`; the first `warm_start_steps` of replica 0's are warm units.
+    Units are interleaved across replicas, so the queue hands each its own in turn."""
+    chunks: list[list[tuple[int, bool]]] = []
+    for i, total in enumerate(steps):
+        warm = min(warm_start_steps, total) if i == 0 else 0
+        sizes = [(min(unit_steps, warm - k), True) for k in range(0, warm, unit_steps)]
+        rest = total - warm
+        sizes += [(min(unit_steps, rest - k), False) for k in range(0, rest, unit_steps)]
+        chunks.append(sizes)
+    units: list[Unit] = []
+    warm_units = [(0, n, True) for n, w in chunks[0] if w] if chunks else []
+    for _home, n, _w in warm_units:
+        units.append(Unit(len(units), 0, slices[0][0], slices[0][1], n, True))
+    queues = [[n for n, w in c if not w] for c in chunks]
+    for k in range(max((len(q) for q in queues), default=0)):
+        for home, queue in enumerate(queues):
+            if k < len(queue):
+                lo, hi = slices[home]
+                units.append(Unit(len(units), home, lo, hi, queue[k]))
+    return units
 
 
 class RateLimit:
@@ -109,19 +150,22 @@ class RateLimit:
 
 @register_actor("asyncdb.Replica")
 class Replica(Actor):
-    """One model replica. `train` runs its part of a Downpour run and answers with a
-    summary; progress rides on its pushes (examples done, recent loss)."""
+    """One model replica. Each `train` message is one unit of work (steps over a range
+    of rows) and is answered with a summary; progress rides on its pushes (examples
+    done, recent loss). `generation` counts the incarnations of replica `index`: shards
+    refuse pushes from one that was replaced."""
 
     def __init__(self, index: int, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], data: dict[str, Any], algorithm: dict[str, Any],
-                 seed: int = 0) -> None:
+                 seed: int = 0, generation: int = 0) -> None:
         self.index = index
+        self.generation = generation
         self.model = Model.from_config(model)
         self.layout = self._parameter_layout()
         self.client = ShardClient(shards, bounds)
         self.algorithm = Downpour(**algorithm)
         self.arrays = open_arrays(data)
-        self.rng = np.random.default_rng(seed + 7919 * index)
+        self.rng = np.random.default_rng([seed, index, generation])
         size = self.layout.size
         self.params = np.zeros(size, np.float32)
         self.grad = np.zeros(size, np.float32)
@@ -135,6 +179,7 @@ class Replica(Actor):
                        "skipped_fetches": 0, "deferred_pushes": 0, "bad_batches": 0}
         self._fetching: asyncio.Task[None] | None = None
         self._pushing: asyncio.Task[None] | None = None
+        self._stale = True  # no parameters fetched yet
         self._pending_steps = 0
         self._loss_sum = 0.0
         self._loss_steps = 0
@@ -167,23 +212,37 @@ class Replica(Actor):
 
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
-            start, stop, steps = (int(message[k]) for k in ("start", "stop", "steps"))
-            rows = len(self.arrays["x"])
-            if not 0 <= start < stop <= rows or steps < 0:
-                raise ConfigError(f"replica {self.index}: rows [{start}, {stop}) and "
-                                  f"{steps} steps do not fit its {rows} rows of data")
-            return await self.train(start, stop, steps)
+            shards = message.get("shards")
+            if shards is not None and shards != self.client.shards:  # a shard was re-created
+                self.client = ShardClient(shards, self.client.bounds)
+                self._stale = True
+            rows = message.get("rows")
+            try:
+                return await self.train(int(message["start"]), int(message["stop"]),
+                                        int(message["steps"]),
+                                        None if rows is None else open_arrays(rows))
+            except BaseException:
+                await self._abandon()
+                raise
         if message.get("op") == "counts":
             return dict(self.counts)
         raise ConfigError(f"replica: unknown op {message.get('op')!r}")
 
-    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
-        """Run `steps` mini-batches over rows [start, stop) of the training data."""
-        x, y = self.arrays["x"], self.arrays["y"]
+    async def train(self, start: int, stop: int, steps: int,
+                    unit_rows: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Run `steps` mini-batches over rows [start, stop) of the training data (or of
+        `unit_rows`, data that came with the unit because this replica does not hold it)."""
+        arrays = self.arrays if unit_rows is None else unit_rows
+        x, y = arrays["x"], arrays["y"]
+        if not 0 <= start < stop <= len(x) or steps < 0:
+            raise ConfigError(f"replica {self.index}: rows [{start}, {stop}) and {steps} steps "
+                              f"do not fit its {len(x)} rows of data")
         batch = self.algorithm.batch_size
         n_fetch, n_push = self.algorithm.n_fetch, self.algorithm.n_push
         began = time.perf_counter()
-        await self._fetch()
+        if self._stale:  # the first unit, or shards re-created: parameters must come first
+            await self._fetch()
+            self._stale = False
         order = np.arange(start, stop)
         position = len(order)
         for _ in range(steps):
@@ -212,7 +271,24 @@ class Replica(Actor):
             await asyncio.sleep(0)  # let fetches and pushes move between steps
         await self._flush()
         seconds = time.perf_counter() - began
-        return {**self.counts, "seconds": seconds, "replica": self.index}
+        return {**self.counts, "seconds": seconds, "replica": self.index,
+                "generation": self.generation, "steps_done": steps, "batch_size": batch}
+
+    async def _abandon(self) -> None:
+        """A unit failed (a shard went away): it will be done again, so drop what it
+        left in flight and unpushed, and fetch afresh before the next one."""
+        for task in (self._fetching, self._pushing):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._fetching, self._pushing) if t is not None),
+                             return_exceptions=True)
+        self._fetching = self._pushing = None
+        for buffer in self.accum:
+            buffer[...] = 0.0
+        self.counts["abandoned_steps"] = (self.counts.get("abandoned_steps", 0)
+                                          + self._pending_steps)
+        self._pending_steps, self._loss_sum, self._loss_steps = 0, 0.0, 0
+        self._stale = True
 
     def _parameter_layout(self) -> ParameterLayout:
         """The parameters this replica fetches, trains and pushes (all of them)."""
@@ -263,7 +339,8 @@ class Replica(Actor):
 
     async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
         try:
-            await self.client.push(buffer, self.versions, progress)
+            await self.client.push(buffer, self.versions, progress,
+                                   (self.index, self.generation))
         finally:
             buffer[...] = 0.0
         self.counts["pushes"] += 1

@@ -21,6 +21,7 @@ from asyncdb.transport.errors import (
 __all__ = [
     "ActorDead",
     "ActorError",
+    "AllReplicasLost",
     "AsyncDBError",
     "AuthenticationError",
     "ChannelClosed",
@@ -29,6 +30,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "MessageTooLarge",
+    "RecoveryFailed",
     "RemoteTraceback",
     "Timeout",
     "TrainingDiverged",
@@ -92,6 +94,11 @@ class ConfigError(AsyncDBError, ValueError):
     option, a layout that does not match the model."""
 
 
+class RecoveryFailed(AsyncDBError):
+    """Raised to a run whose failed shard cannot be brought back (restarts used up,
+    no node left to put it on, no usable checkpoint): the run stops with its history."""
+
+
 class CheckpointError(AsyncDBError):
     """Raised when a checkpoint cannot be written or read back: a file that is missing,
     truncated or fails its checksum (an older checkpoint is used where there is one)."""
@@ -130,3 +137,8 @@ def error_from_remote(info: dict[str, str]) -> AsyncDBError:
 class TrainingFailed(AsyncDBError):
     """Raised by `Cluster.train` when a run cannot go on: every replica was lost, or
     the shards refused the run's state."""
+
+
+class AllReplicasLost(TrainingFailed):
+    """Raised to a Downpour run when every replica was lost, none could be re-created,
+    and work was left."""

@@ -122,8 +122,9 @@ class Partition(Replica):
                 "exchange_bytes": self.counts["exchange_bytes"] - sent,
                 "exchange_wait_s": self.exchange.wait_seconds - waited}
 
-    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
-        return {**await super().train(start, stop, steps), **self.timing}
+    async def train(self, start: int, stop: int, steps: int,
+                    unit_rows: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        return {**await super().train(start, stop, steps, unit_rows), **self.timing}
 
     async def gradient(self, params: np.ndarray, x: np.ndarray,
                        y: np.ndarray) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .data import SharedArrays, inline_arrays
 from .engine import default_threads
 from .errors import ConfigError
 from .node import Node
-from .process import LocalNodes
+from .process import DEFAULT_FROZEN_AFTER, LocalNodes, NodeFailure, process_state
 from .system import SYSTEM
 
 
@@ -33,9 +33,10 @@ class TrainingData:
     """The training rows as each replica receives them; `close` frees what was shared."""
 
     def __init__(self, specs: list[dict[str, Any]], slices: list[list[int]],
-                 shared: SharedArrays | None = None) -> None:
+                 shared: SharedArrays | None = None, everywhere: bool = True) -> None:
         self.specs = specs
         self.slices = slices  # rows [lo, hi) of each replica's spec that are its own
+        self.everywhere = everywhere  # every replica holds every row
         self._shared = shared
 
     def close(self) -> None:
@@ -81,6 +82,19 @@ class Placement:
     def host(self, node_id: str) -> str:
         return socket.gethostname()
 
+    def on_failure(self, callback: NodeFailure) -> None:
+        """Call `callback(node_id, reason)` when a node the placement started dies or
+        stops answering (never for an in-process placement: nothing there can die)."""
+
+    async def replace(self, node_id: str) -> str:
+        """A node to re-create the actors of failed node `node_id` on: a restarted
+        process, or another live peer. `ConfigError` when there is none."""
+        raise ConfigError(f"{self.name} placement cannot replace node {node_id}")
+
+    def alive(self, node_id: str) -> bool:
+        """Whether node `node_id` is still there, as far as can be told at once."""
+        return self.node is not None and node_id == self.node.id
+
 
 class InProcess(Placement):
     """Every actor in the caller's event loop (embedding, tests)."""
@@ -101,10 +115,12 @@ class LocalProcesses(Placement):
 
     name = "local"
 
-    def __init__(self, colocate: bool = False, ring_bytes: int | None = None) -> None:
+    def __init__(self, colocate: bool = False, ring_bytes: int | None = None,
+                 liveness: float | None = DEFAULT_FROZEN_AFTER) -> None:
         super().__init__()
         self.colocate = colocate
         self.ring_bytes = ring_bytes or DEFAULT_RING_BYTES
+        self.liveness = liveness
         self.nodes: LocalNodes | None = None
 
     def processes(self, shards: int, replicas: int) -> int:
@@ -113,7 +129,7 @@ class LocalProcesses(Placement):
     async def start(self, node: Node, shards: int, replicas: int) -> None:
         await super().start(node, shards, replicas)
         self.nodes = LocalNodes(node, self.processes(shards, replicas), prefix="node",
-                                ring_bytes=self.ring_bytes)
+                                ring_bytes=self.ring_bytes, frozen_after=self.liveness)
         await self.nodes.start()
 
     async def close(self) -> None:
@@ -140,6 +156,20 @@ class LocalProcesses(Placement):
             return self.nodes.processes[node_id].pid
         return super().pid(node_id)
 
+    def on_failure(self, callback: NodeFailure) -> None:
+        assert self.nodes is not None
+        self.nodes.on_failure(callback)
+
+    async def replace(self, node_id: str) -> str:
+        assert self.nodes is not None
+        return await self.nodes.restart(node_id)
+
+    def alive(self, node_id: str) -> bool:
+        if self.nodes is None or node_id not in self.nodes.processes:
+            return super().alive(node_id)
+        proc = self.nodes.processes[node_id]
+        return not proc.exited.done() and process_state(proc.pid) not in ("", "Z", "X")
+
 
 class RemotePeers(Placement):
     """Nodes on other hosts (`asyncdb serve`) over websockets; shards and replicas are
@@ -158,6 +188,7 @@ class RemotePeers(Placement):
         self.ssl_context = ssl_context
         self.heartbeat = heartbeat
         self.peer_ids: list[str] = []
+        self._replacements = 0
 
     def driver_name(self) -> str:
         return f"driver-{socket.gethostname()}-{os.getpid()}"
@@ -184,7 +215,7 @@ class RemotePeers(Placement):
     def training_data(self, x: np.ndarray, y: np.ndarray,
                       slices: list[list[int]]) -> TrainingData:
         specs = [inline_arrays({"x": x[lo:hi], "y": y[lo:hi]}) for lo, hi in slices]
-        return TrainingData(specs, [[0, hi - lo] for lo, hi in slices])
+        return TrainingData(specs, [[0, hi - lo] for lo, hi in slices], everywhere=False)
 
     def pid(self, node_id: str) -> int | None:
         assert self.node is not None
@@ -197,6 +228,29 @@ class RemotePeers(Placement):
         info = self.node.peer_info.get(node_id)
         host = info.get("host") if isinstance(info, dict) else None
         return host if isinstance(host, str) else node_id
+
+    def on_failure(self, callback: NodeFailure) -> None:
+        assert self.node is not None
+        peers = self.peer_ids
+
+        def lost(peer: str, error: BaseException) -> None:
+            if peer in peers:
+                callback(peer, f"lost ({error})")
+
+        self.node.on_peer_lost(lost)
+
+    async def replace(self, node_id: str) -> str:
+        """Another live peer (a host that went away is not restarted from here)."""
+        assert self.node is not None
+        live = [p for p in self.peer_ids if p != node_id and p in self.node.peers()]
+        if not live:
+            raise ConfigError(f"peer {node_id} is lost and no other peer is left")
+        self._replacements += 1
+        return live[self._replacements % len(live)]
+
+    def alive(self, node_id: str) -> bool:
+        assert self.node is not None
+        return node_id in self.node.peers() or super().alive(node_id)
 
 
 def split_rows(n: int, parts: int) -> list[list[int]]:

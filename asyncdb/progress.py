@@ -5,6 +5,7 @@ and one plain line per evaluation when the output is not a terminal (logs, pipes
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -56,15 +57,17 @@ class TrainingProgress:
         self.out = out if out is not None else sys.stdout
         self.tty = self.out.isatty()
         self.bar: tqdm[Any] | None = None
-        if self.tty:
-            self.bar = tqdm(total=self.total, file=self.out, unit="ex", unit_scale=True,
-                            bar_format=BAR_FORMAT, leave=True, smoothing=0.3)
 
     def update(self, entry: dict[str, Any]) -> None:
-        if self.bar is None:
+        if not self.tty:
             self.out.write(plain_line(entry, self.total) + "\n")
             self.out.flush()
             return
+        if self.bar is None:  # made at the first evaluation, its clock set to the run's
+            self.bar = tqdm(total=self.total, file=self.out, unit="ex", unit_scale=True,
+                            bar_format=BAR_FORMAT, leave=True, smoothing=0.3)
+            self.bar.start_t = self.bar.last_print_t = (
+                time.time() - float(entry.get("time", 0.0)))
         done = min(self.total, int(entry.get("examples", 0)))
         self.bar.update(done - self.bar.n)
         self.bar.set_postfix(figures(entry), refresh=True)

@@ -314,9 +314,9 @@ class Passes:
         stats = queue.stats
         for key in ("backups_issued", "backups_used", "duplicates", "reissued"):
             self.totals[key] += getattr(stats, key)
-        for r, count in stats.finished_by.items():
-            if kind == "grad":
-                self.portions_per_replica[r] += count  # type: ignore[index]
+        if kind == "grad":  # loss-only portions are not counted here
+            for r in self.portions_per_replica:
+                self.portions_per_replica[r] += stats.finished_by[r]
         if not queue.done:
             raise TrainingFailed(f"every replica was lost (pass {self.pass_id}); "
                                  f"lost: {self.lost}")

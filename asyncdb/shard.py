@@ -65,6 +65,10 @@ class ParameterShard(Actor):
         self.update_counts = [0] * (len(UPDATE_BUCKETS) + 1)
         self.fetches = 0
         self.progress: dict[str, dict[str, Any]] = {}  # per replica, carried by pushes
+        # replica index -> lowest generation whose pushes are still accepted: an
+        # incarnation that was replaced (it froze, then woke up) is refused
+        self.fences: dict[int, int] = {}
+        self.fenced = 0
 
     @classmethod
     def admit(cls, config: dict[str, Any], policy: PeerPolicy) -> None:
@@ -97,6 +101,7 @@ class ParameterShard(Actor):
     async def receive(self, message: dict[str, Any]) -> Any:
         op = message.get("op") if isinstance(message, dict) else None
         if op == "push":
+            self._check_sender(message.get("sender"))
             result = self.push(message.get("grad"), message.get("version", self.version))
             progress = message.get("progress")
             if isinstance(progress, dict):
@@ -114,9 +119,36 @@ class ParameterShard(Actor):
             return {"values": self.values.copy(), "version": self.version, "state": state}
         if op == "restore":
             return self.restore(message)
+        if op == "fence":
+            return self.fence(message.get("fences"))
         if op in ("vectors", "begin", "accumulate", "missing"):
             return self.sandblaster(op, message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
+    def fence(self, fences: Any) -> dict[str, int]:
+        """Refuse pushes from replica generations below `fences[replica]` from now on."""
+        if not isinstance(fences, dict) or not all(
+                isinstance(k, str) and k.isdigit() and type(v) is int and v >= 0
+                for k, v in fences.items()):
+            raise UpdateRejected(f"shard {self.index}: fences must map replica to generation")
+        for replica, generation in fences.items():
+            index = int(replica)
+            self.fences[index] = max(self.fences.get(index, 0), generation)
+        return {str(k): v for k, v in self.fences.items()}
+
+    def _check_sender(self, sender: Any) -> None:
+        if sender is None:
+            return
+        if not (isinstance(sender, list) and len(sender) == 2
+                and all(type(v) is int and v >= 0 for v in sender)):
+            raise UpdateRejected(f"shard {self.index}: malformed sender {sender!r}")
+        replica, generation = sender
+        if generation < self.fences.get(replica, 0):
+            self.fenced += 1
+            log.warning("shard %d refused a push from replica %d generation %d (replaced by "
+                        "generation %d)", self.index, replica, generation, self.fences[replica])
+            raise UpdateRejected(f"shard {self.index}: replica {replica} generation "
+                                 f"{generation} was replaced; push refused")
+        self.fences[replica] = generation
 
     def fetch(self, lo: Any, hi: Any, vector: Any = "x") -> dict[str, Any]:
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):
@@ -203,8 +235,8 @@ class ParameterShard(Actor):
             "index": self.index, "size": len(self.values), "version": self.version,
             "updates": self.version, "fetches": self.fetches, "rejected": self.rejected,
             "staleness_mean": self.staleness_sum / self.version if self.version else 0.0,
-            "staleness_max": self.staleness_max, "update_seconds": self.update_seconds,
-            "update_counts": list(self.update_counts),
+            "staleness_max": self.staleness_max, "fenced": self.fenced,
+            "update_seconds": self.update_seconds, "update_counts": list(self.update_counts),
             "engine": self.updater.engine, "threads": self.updater.threads,
             "progress": self.progress,
             **({"lbfgs": self.lbfgs.stats()} if self.lbfgs is not None else {}),

@@ -94,15 +94,19 @@ class ShardClient:
         return flat
 
     async def push(self, grad: np.ndarray, versions: Sequence[int],
-                   progress: dict[str, Any] | None = None) -> list[dict[str, int]]:
+                   progress: dict[str, Any] | None = None,
+                   sender: tuple[int, int] | None = None) -> list[dict[str, int]]:
         """Send each shard its slice of the flat gradient `grad`, with the version of the
-        parameters it was computed from; `progress` rides on shard 0's push. Each shard
+        parameters it was computed from; `progress` rides on shard 0's push; `sender`
+        (replica, generation) lets shards refuse a replaced incarnation. Each shard
         answers {"version", "staleness"} or raises `UpdateRejected`."""
 
         async def one(i: int, shard: ActorRef) -> dict[str, int]:
             lo, hi = self.bounds[i]
             message: dict[str, Any] = {"op": "push", "grad": grad[lo:hi],
                                        "version": int(versions[i])}
+            if sender is not None:
+                message["sender"] = list(sender)
             if i == 0 and progress is not None:
                 message["progress"] = progress
             reply: dict[str, int] = await self._ask(shard, message)
@@ -118,26 +122,37 @@ class ShardClient:
 
     async def checkpoint(self) -> list[ShardCheckpoint]:
         """A copy of every shard's state, taken shard by shard."""
+        return await self._each(lambda i, _shard: self.checkpoint_shard(i))
 
-        async def one(_i: int, shard: ActorRef) -> ShardCheckpoint:
-            reply = await self._ask(shard, {"op": "checkpoint"})
-            return ShardCheckpoint(reply["values"], dict(reply["state"]), int(reply["version"]))
-
-        return await self._each(one)
+    async def checkpoint_shard(self, index: int) -> ShardCheckpoint:
+        """A copy of shard `index`'s state."""
+        reply = await self._ask(self.shards[index], {"op": "checkpoint"})
+        return ShardCheckpoint(reply["values"], dict(reply["state"]), int(reply["version"]))
 
     async def restore(self, checkpoints: Sequence[ShardCheckpoint]) -> list[int]:
         """Put every shard back to its checkpoint; returns the restored versions."""
         if len(checkpoints) != len(self.shards):
             raise ConfigError(f"{len(checkpoints)} checkpoints for {len(self.shards)} shards")
+        return await self._each(lambda i, _shard: self.restore_shard(i, checkpoints[i]))
 
-        async def one(i: int, shard: ActorRef) -> int:
-            saved = checkpoints[i]
-            return int(await self._ask(shard, {"op": "restore", "values": saved.values,
-                                               "state": saved.state,
-                                               "version": saved.version}))
+    async def restore_shard(self, index: int, saved: ShardCheckpoint) -> int:
+        """Put shard `index` back to `saved`; returns its restored version."""
+        return int(await self._ask(self.shards[index],
+            {"op": "restore", "values": saved.values, "state": saved.state,
+             "version": saved.version}))
 
-        return await self._each(one)
+    async def fence(self, fences: dict[int, int], index: int | None = None) -> None:
+        """Make every shard (or shard `index`) refuse pushes from replica generations
+        below `fences[replica]`."""
+        message = {"op": "fence", "fences": {str(k): v for k, v in fences.items()}}
+        if index is not None:
+            await self.shards[index].ask(message)
+        else:
+            await self._each(lambda _i, shard: shard.ask(message))
 
+    def replace(self, index: int, shard: ActorRef) -> None:
+        """Shard `index` now lives at `shard` (re-created after its node failed)."""
+        self.shards[index] = shard
     # -- Sandblaster: vector programs and exactly-once accumulation -------------------
 
     async def vectors(self, *program: list[Any]) -> list[float]:

@@ -91,6 +91,9 @@ async def train(args: argparse.Namespace) -> Run:
                                 partitions=args.partitions)
         where = "in node processes on this host"
     if args.algorithm == "sandblaster":
+        if args.dashboard is not None:
+            raise ConfigError("--dashboard shows Downpour runs; Sandblaster prints each "
+                              "iteration instead")
         return await sandblaster_cli.train(args, data, hidden, cluster, where)
     split = f" of {args.partitions} partitions" if args.partitions > 1 else ""
     print(f"asyncdb train: {model} on {data}, {args.replicas} replicas{split} and {args.shards} "
@@ -106,8 +109,8 @@ async def train(args: argparse.Namespace) -> Run:
                                       epochs=args.epochs, seed=args.seed,
                                       eval_every=args.eval_every, engine=args.engine,
                                       on_progress=dashboard.chain(bar.update))
+            bar.close()  # before the nodes stop, so its clock shows training time
         dashboard.finish()
-    bar.close()
     final = run.final
     print(f"done in {run.seconds:.2f} s: test accuracy {final['test_accuracy']:.4f}, "
           f"loss {final['loss']:.4f}, {final['examples_per_s']:.0f} examples/s, "

@@ -89,3 +89,8 @@ def test_train_prints_the_dashboard_url(tmp_path):
 def test_a_bad_dashboard_address_fails_clearly():
     out = asyncdb_cli("train", "--inproc", "--dashboard", "127.0.0.1:http")
     assert out.returncode == 1 and "ConfigError" in out.stderr and "HOST:PORT" in out.stderr
+
+
+def test_the_dashboard_is_refused_for_sandblaster_not_ignored():
+    out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--dashboard")
+    assert out.returncode == 1 and "--dashboard shows Downpour runs" in out.stderr

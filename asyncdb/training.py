@@ -1,0 +1,268 @@
+"""One Downpour run on a cluster: shards, replicas and the coordinator put in place,
+and, where nodes can fail, shard checkpoints and recovery around them.
+
+The run's work is a list of units (`downpour.plan_units`). With a checkpoint
+directory, each round of checkpoints also saves which units were done before it began
+(their pushes are in every shard's checkpoint), so `resume` starts the shards from
+their checkpoints and does only the units that were not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asyncdb.models import Model
+
+from .actor import ActorRef
+from .checkpoint import CheckpointStore
+from .coordinator import Coordinator, Progress
+from .datasets import Dataset
+from .downpour import Downpour, Replica, Unit, plan_units
+from .errors import CheckpointError, ConfigError
+from .modelparallel import spawn_partitioned_replica
+from .node import Node
+from .optim import UpdateRule
+from .params import PartitionedLayout, layout_of
+from .placement import InProcess, Placement, split_rows
+from .recovery import Checkpointer, Events, Recovery, RestartPolicy, load_shard
+from .shard import ParameterShard
+from .shard_client import ShardCheckpoint, ShardClient
+
+DEFAULT_CHECKPOINT_EVERY = 10.0
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one run goes, beyond the model, the data and the algorithm."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    seed: int = 0
+    eval_every: float = 2.0
+    eval_rows: int = 2000
+    engine: str = "blocked"
+    shard_threads: int | None = None
+    on_progress: Progress | None = None
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: float | None = None
+    max_restarts: int = 10
+    resume: str | Path | None = None
+
+
+class DownpourRun:
+    """Puts one Downpour run in place on `placement`'s nodes and runs it."""
+
+    def __init__(self, node: Node, placement: Placement, shards: int, replicas: int,
+                 model: Model, data: Dataset, algorithm: Downpour, optimizer: UpdateRule,
+                 options: Options, partitions: int = 1) -> None:
+        self.node = node
+        self.placement = placement
+        self.n_shards = shards
+        self.n_replicas = replicas
+        self.model = model
+        self.data = data
+        self.algorithm = algorithm
+        self.optimizer = optimizer
+        self.options = options
+        self.partitions = partitions
+        self.layout = layout_of(model, partitions)
+        self.bounds = self.layout.shard_bounds(shards)
+        self.events = Events()
+        directory = options.resume or options.checkpoint_dir
+        self.store = None if directory is None else CheckpointStore(Path(directory))
+        self.client: ShardClient | None = None
+        self.recovery: Recovery | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.spawned: list[ActorRef] = []
+        self.coordinator: Coordinator | None = None
+        self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
+
+    def plan(self) -> tuple[list[list[int]], list[int]]:
+        """Each replica's rows and its number of mini-batches."""
+        n, batch = len(self.data.x_train), self.algorithm.batch_size
+        slices = split_rows(n, self.n_replicas)
+        if any(hi - lo < batch for lo, hi in slices):
+            raise ConfigError(f"{n} training rows cannot give each of {self.n_replicas} "
+                              f"replicas a batch of {batch}")
+        if self.options.steps is None:
+            steps = [max(1, math.ceil(self.options.epochs * (hi - lo) / batch))
+                     for lo, hi in slices]
+        else:
+            steps = [math.ceil(self.options.steps / self.n_replicas)] * self.n_replicas
+        return slices, steps
+
+    def units(self, slices: list[list[int]], steps: list[int]) -> list[Unit]:
+        """The run's units over each replica's rows as it holds them (those a resumed
+        run still owes)."""
+        units = plan_units(slices, steps, self.algorithm.unit_steps,
+                           self.algorithm.warm_start_steps)
+        if self.options.resume is not None:
+            done = set(self._resumed_state()["done"])
+            units = [u for u in units if u.id not in done]
+            self.events.record("resumed", directory=str(self.options.resume),
+                               units_done=len(done), units_left=len(units))
+        return units
+
+    def _resumed_state(self) -> dict[str, Any]:
+        assert self.store is not None
+        try:
+            _arrays, meta = self.store.load("run")
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume from {self.options.resume}: {exc}") from exc
+        if meta.get("planned") is None or meta.get("shards") != self.n_shards:
+            raise CheckpointError(f"{self.options.resume} holds a run with "
+                                  f"{meta.get('shards')} shards, not {self.n_shards}")
+        return meta
+
+    async def execute(self) -> dict[str, Any]:
+        """Run every unit; the coordinator's summary, with the final parameters."""
+        slices, steps = self.plan()
+        options = self.options
+        parts = self.partitions
+        shard_nodes, slot_nodes = self.placement.place(self.n_shards, self.n_replicas * parts)
+        replica_nodes = [slot_nodes[i * parts:(i + 1) * parts] for i in range(self.n_replicas)]
+        rows = self.placement.training_data(self.data.x_train, self.data.y_train, slices)
+        units = self.units(rows.slices, steps)
+        try:
+            shards = [await self._spawn_shard(i, shard_nodes[i], self._initial(i))
+                      for i in range(self.n_shards)]
+            self.client = ShardClient(shards, self.bounds)
+            if not isinstance(self.placement, InProcess):
+                self.recovery = Recovery(self.placement, self.events,
+                                         RestartPolicy(max_restarts=options.max_restarts))
+            if self.recovery is not None or self.store is not None:
+                every = options.checkpoint_every
+                self.checkpointer = Checkpointer(
+                    self.client, self.store, every if every is not None
+                    else DEFAULT_CHECKPOINT_EVERY, self.events)
+            replicas = [await self._spawn_replica(i, replica_nodes[i], rows.specs[i], 0)
+                        for i in range(self.n_replicas)]
+            self._track(shard_nodes, [n[0] for n in replica_nodes], replicas, rows.specs)
+            remote = not rows.everywhere
+            coordinator = await self.node.spawn(Coordinator, config={
+                "model": self.model.to_config(), "client": self.client,
+                "x_test": self.data.x_test, "y_test": self.data.y_test,
+                "eval_every": options.eval_every, "eval_rows": options.eval_rows,
+                "on_progress": options.on_progress, "events": self.events,
+                "recovery": self.recovery, "checkpointer": self.checkpointer,
+                "rows": (self.data.x_train, self.data.y_train) if remote else None,
+                "homes": slices,
+                "done": self._done_before(), "partitions": parts,
+                "versions": self.versions})
+            self.spawned.append(coordinator)
+            actor = self.node.actor(coordinator.name)
+            assert isinstance(actor, Coordinator)
+            self.coordinator = actor
+            result: dict[str, Any] = await coordinator.ask(
+                {"op": "run", "replicas": replicas,
+                 "units": [[u.id, u.home, u.start, u.stop, u.steps, u.warm] for u in units]},
+                timeout=None)
+            result["params"] = await self.client.parameters()
+        except BaseException:
+            if self.coordinator is not None:  # cancelled, or failed: no more units
+                self.coordinator.stop()
+            raise
+        finally:
+            if self.recovery is not None:
+                await self.recovery.close()
+            await self._stop_all()
+            rows.close()
+        result["events"] = self.events.entries
+        result["checkpoints"] = (None if self.checkpointer is None else
+                                 {"taken": self.checkpointer.taken,
+                                  "seconds": self.checkpointer.seconds})
+        return result
+
+    def _initial(self, index: int) -> ShardCheckpoint:
+        lo, hi = self.bounds[index]
+        if self.options.resume is not None:
+            assert self.store is not None
+            saved = load_shard(self.store, index)
+            if saved.values.shape != (hi - lo,):
+                raise CheckpointError(f"shard {index}'s checkpoint holds {saved.values.shape} "
+                                      f"values, not {hi - lo}: not this model")
+            return saved
+        flat = self.layout.flatten(self.model.init_params(
+            np.random.default_rng(self.options.seed)))
+        return ShardCheckpoint(flat[lo:hi], {}, 0)
+
+    async def _spawn_shard(self, index: int, node: str, start: ShardCheckpoint) -> ActorRef:
+        ref = await self.node.spawn(ParameterShard, node=node, config={
+            "index": index, "values": start.values, "optimizer": self.optimizer.to_config(),
+            "engine": self.options.engine, "threads": self.options.shard_threads})
+        self.spawned.append(ref)
+        if start.state or start.version:
+            await ref.ask({"op": "restore", "values": start.values, "state": start.state,
+                           "version": start.version})
+        return ref
+
+    async def _spawn_replica(self, index: int, nodes: list[str], spec: dict[str, Any],
+                             generation: int) -> ActorRef:
+        assert self.client is not None
+        if isinstance(self.layout, PartitionedLayout):  # one actor per partition
+            ref, refs = await spawn_partitioned_replica(
+                self.node, index, self.model, nodes, self.client.shards, self.bounds,
+                self.layout.block_bounds, {"data": spec, "seed": self.options.seed,
+                                           "algorithm": self.algorithm.to_config()})
+            self.spawned += refs
+            return ref
+        ref = await self.node.spawn(Replica, node=nodes[0], config={
+            "index": index, "model": self.model.to_config(), "shards": self.client.shards,
+            "bounds": [list(b) for b in self.bounds], "data": spec,
+            "algorithm": self.algorithm.to_config(), "seed": self.options.seed,
+            "generation": generation})
+        self.spawned.append(ref)
+        return ref
+
+    def _done_before(self) -> list[int]:
+        return [] if self.options.resume is None else list(self._resumed_state()["done"])
+
+    def _track(self, shard_nodes: list[str], replica_nodes: list[str],
+               replicas: list[ActorRef], specs: list[dict[str, Any]]) -> None:
+        """Tell recovery how to re-create each shard and replica."""
+        recovery, client = self.recovery, self.client
+        if recovery is None or client is None:
+            return
+
+        def shard(index: int) -> Any:
+            async def respawn(node: str, generation: int) -> ActorRef:
+                assert self.checkpointer is not None and recovery is not None
+                saved = self.checkpointer.saved(index)
+                ref = await self._spawn_shard(index, node, saved)
+                client.replace(index, ref)
+                fences = {s.index: s.generation for s in recovery.sites.values()
+                          if s.role == "replica" and s.generation}
+                if fences:
+                    await client.fence(fences, index)
+                seen = self.versions.get(index, 0)
+                self.events.record("restored", role="shard", index=index,
+                                   version=saved.version,
+                                   updates_lost=max(0, seen - saved.version))
+                return ref
+            return respawn
+
+        def replica(index: int) -> Any:
+            async def respawn(node: str, generation: int) -> ActorRef:
+                await client.fence({index: generation})  # the old incarnation is refused
+                return await self._spawn_replica(index, [node], specs[index], generation)
+            return respawn
+
+        for i, ref in enumerate(client.shards):
+            recovery.track("shard", i, shard_nodes[i], ref, shard(i))
+        if self.partitions > 1:
+            return  # a partitioned replica whose partition fails is lost, not re-created
+        for i, ref in enumerate(replicas):
+            recovery.track("replica", i, replica_nodes[i], ref, replica(i))
+
+    async def _stop_all(self) -> None:
+        for ref in reversed(self.spawned):
+            try:
+                await self.node.ref(ref.node_id, "_system").ask(
+                    {"op": "stop", "name": ref.name}, timeout=10)
+            except Exception:  # a node that died with its actors has nothing to stop
+                continue

@@ -1,0 +1,195 @@
+"""Fault tolerance with real processes and real signals: runs complete through kill -9
+and SIGSTOP of replicas and shards, shards come back from checkpoints, replaced
+replicas are fenced, and a run killed with its driver resumes from its checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asyncdb
+from asyncdb.models import MLP
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher() -> asyncdb.datasets.Dataset:
+    return asyncdb.datasets.load("teacher", n=12_000, features=32, test=1000, seed=3)
+
+
+def _model() -> MLP:
+    return MLP([32, 64, 10])
+
+
+async def _run_with_fault(data, *, victim: str, sig: int, tmp_path: Path,
+                          liveness: float = 10.0) -> asyncdb.Run:
+    """A 2-shard, 2-replica local run; `victim` ("shard" or "replica") 1's process gets
+    `sig` once training is under way."""
+    algorithm = asyncdb.Downpour(batch_size=32, unit_steps=40)
+    async with asyncdb.Cluster.local(shards=2, replicas=2, liveness=liveness) as cluster:
+        assert cluster.nodes is not None
+        target = cluster.nodes.ids[1 if victim == "shard" else 3]
+        under_way = asyncio.Event()
+        training = asyncio.create_task(cluster.train(
+            _model(), data, algorithm=algorithm, epochs=6, eval_every=0.1,
+            checkpoint_dir=tmp_path / "ckpt", checkpoint_every=0.2,
+            on_progress=lambda entry: entry["time"] > 0.6 and under_way.set()))
+        await asyncio.wait_for(under_way.wait(), 60)
+        assert not training.done()
+        pid = cluster.nodes.processes[target].pid
+        os.kill(pid, sig)
+        run = await asyncio.wait_for(training, 120)
+        if sig == signal.SIGSTOP:
+            assert cluster.nodes.processes[target].exited.done()  # killed, not left stopped
+    return run
+
+
+def _events(run: asyncdb.Run, kind: str) -> list[dict]:
+    return [e for e in run.events if e["event"] == kind]
+
+
+@pytest.mark.parametrize("victim", ["replica", "shard"])
+async def test_kill_9_of_a_process_does_not_lose_the_run(teacher, victim, tmp_path):
+    run = await _run_with_fault(teacher, victim=victim, sig=signal.SIGKILL, tmp_path=tmp_path)
+    assert run.lost == []
+    assert run.units["done"] == run.units["planned"]
+    failure = _events(run, "failure")
+    assert len(failure) == 1 and [victim, 1] in failure[0]["actors"]
+    assert "died" in failure[0]["reason"]
+    recovered = _events(run, "recovered")
+    assert [(e["role"], e["index"], e["generation"]) for e in recovered] == [(victim, 1, 1)]
+    if victim == "shard":  # from a checkpoint taken during the run, not initial values
+        assert [e["version"] > 0 for e in _events(run, "restored")] == [True]
+    assert run.final["test_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("victim", ["replica", "shard"])
+async def test_a_frozen_process_is_killed_and_replaced(teacher, victim, tmp_path):
+    run = await _run_with_fault(teacher, victim=victim, sig=signal.SIGSTOP, tmp_path=tmp_path,
+                                liveness=0.5)
+    assert run.units["done"] == run.units["planned"]
+    failure = _events(run, "failure")
+    assert len(failure) == 1 and "frozen" in failure[0]["reason"]
+    assert _events(run, "recovered")[0]["role"] == victim
+    assert run.final["test_accuracy"] > 0.6
+
+
+async def test_a_replaced_replica_generation_is_refused_by_shards():
+    async with asyncdb.Node("driver") as node:
+        shard = await node.spawn(asyncdb.ParameterShard, config={
+            "index": 0, "values": np.zeros(4, np.float32),
+            "optimizer": asyncdb.SGD(lr=1.0).to_config()})
+        grad = np.ones(4, np.float32)
+        await shard.ask({"op": "push", "grad": grad, "version": 0, "sender": [1, 0]})
+        await shard.ask({"op": "fence", "fences": {"1": 1}})
+        with pytest.raises(asyncdb.UpdateRejected, match="replaced"):
+            await shard.ask({"op": "push", "grad": grad, "version": 0, "sender": [1, 0]})
+        await shard.ask({"op": "push", "grad": grad, "version": 0, "sender": [1, 1]})
+        stats = await shard.ask({"op": "stats"})
+        assert stats["updates"] == 2 and stats["fenced"] == 1
+        values = (await shard.ask({"op": "fetch"}))["values"]
+        np.testing.assert_array_equal(values, -2 * grad)  # the refused push left no trace
+
+
+DRIVER = """
+import asyncio, sys
+import asyncdb
+from asyncdb.models import MLP
+
+async def main():
+    data = asyncdb.datasets.load("teacher", n=12_000, features=32, test=1000, seed=3)
+    resume = sys.argv[2] if len(sys.argv) > 2 else None
+    async with asyncdb.Cluster.local(shards=2, replicas=2) as cluster:
+        def progress(entry):
+            print("progress", entry["examples"], flush=True)
+        run = await cluster.train(
+            MLP([32, 64, 10]), data, algorithm=asyncdb.Downpour(batch_size=32, unit_steps=40),
+            epochs=6, eval_every=0.1, checkpoint_dir=sys.argv[1], checkpoint_every=0.2,
+            resume=resume, on_progress=progress)
+    resumed = [e["units_done"] for e in run.events if e["event"] == "resumed"]
+    print("final", run.final["test_accuracy"], run.units["done"], run.units["planned"],
+          resumed[0] if resumed else 0, flush=True)
+
+if __name__ == "__main__":
+    asyncdb.run(main())
+"""
+
+
+@pytest.mark.timeout(600)  # three runs of a driver process, one killed on the way
+def test_a_run_whose_driver_was_killed_resumes_from_its_checkpoints(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    ckpt = tmp_path / "ckpt"
+    first = subprocess.Popen([sys.executable, str(script), str(ckpt)],
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    try:
+        for line in first.stdout:  # wait for a few evaluations and a run checkpoint
+            if line.startswith("progress") and list(ckpt.glob("run.*.ckpt")) \
+                    and int(line.split()[1]) > 20_000:
+                break
+        first.kill()
+    finally:
+        first.wait()
+        first.stdout.close()
+    resumed = subprocess.run([sys.executable, str(script), str(ckpt), str(ckpt)],
+                             capture_output=True, text=True, timeout=300, check=True)
+    final = [line for line in resumed.stdout.splitlines() if line.startswith("final")]
+    _word, accuracy, done, planned, done_before = final[0].split()
+    assert int(done) == int(planned)
+    assert 0 < int(done_before) < int(planned)  # it went on from the checkpoint
+    clean = subprocess.run([sys.executable, str(script), str(tmp_path / "clean")],
+                           capture_output=True, text=True, timeout=300, check=True)
+    clean_accuracy = float(clean.stdout.splitlines()[-1].split()[1])
+    assert float(accuracy) >= clean_accuracy - 0.02
+
+
+@pytest.fixture
+def three_peers(tmp_path):
+    from test_ws import Serve
+
+    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1")
+             for name in ("peer-a", "peer-b", "peer-c")]
+    yield peers
+    for peer in peers:
+        peer.stop()
+
+
+@pytest.mark.parametrize("victim", ["replica", "shard"])
+async def test_a_killed_serve_peer_does_not_lose_the_run(three_peers, victim, tmp_path):
+    from test_ws import SECRET
+
+    data = asyncdb.datasets.load("digits")
+    urls = [p.url for p in three_peers]
+    async with asyncdb.Cluster.connect(urls, SECRET, shards=1, replicas=2,
+                                       heartbeat=1.0) as cluster:
+        under_way = asyncio.Event()
+        training = asyncio.create_task(cluster.train(
+            MLP([64, 64, 10]), data, algorithm=asyncdb.Downpour(batch_size=16, unit_steps=20),
+            optimizer=asyncdb.Adagrad(lr=0.05), epochs=30, eval_every=0.1,
+            checkpoint_every=0.2,
+            on_progress=lambda entry: entry["time"] > 0.5 and under_way.set()))
+        await asyncio.wait_for(under_way.wait(), 60)
+        role = {a["role"]: a["node"] for a in cluster.describe()
+                if a["role"] in ("shard", "replica") and a["index"] in (0, 1)}
+        target = role["shard"] if victim == "shard" else \
+            next(a["node"] for a in cluster.describe() if a["role"] == "replica"
+                 and a["index"] == 1)
+        peer = three_peers[["peer-a", "peer-b", "peer-c"].index(target)]
+        os.kill(peer.proc.pid, signal.SIGKILL)
+        run = await asyncio.wait_for(training, 180)
+    assert run.units["done"] == run.units["planned"]
+    failure = _events(run, "failure")
+    assert len(failure) == 1 and failure[0]["node"] == target, run.events
+    recovered = _events(run, "recovered")
+    assert [e["role"] for e in recovered] == [victim]
+    assert recovered[0]["node"] != target
+    assert run.final["test_accuracy"] > 0.9

@@ -248,6 +248,8 @@ class Cluster:
                                  optimizer: UpdateRule | None, seed: int,
                                  on_progress: Progress | None) -> Run:
         """Sandblaster L-BFGS: counts iterations (`algorithm.iterations`), not epochs."""
+        if self.partitions > 1:
+            raise ConfigError("Sandblaster does not run partitioned replicas; use partitions=1")
         if epochs is not None or steps is not None or optimizer is not None:
             raise ConfigError("Sandblaster counts iterations, not epochs or steps, and has "
                               "no update rule: pass epochs=None and no steps or optimizer")

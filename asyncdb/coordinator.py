@@ -216,13 +216,16 @@ class Coordinator(Actor):
                          scheduler: UnitScheduler) -> None:
         """Run `work` with the evaluations and checkpoints beside it; whichever fails
         first (a diverged loss, a refused push, a recovery that failed) ends the run."""
-        tasks = [asyncio.ensure_future(work),
-                 asyncio.ensure_future(self._evaluate_every(scheduler))]
+        main = asyncio.ensure_future(work)
+        tasks = [main, asyncio.ensure_future(self._evaluate_every(scheduler))]
         if self.checkpointer is not None:
             tasks.append(asyncio.ensure_future(self.checkpointer.run()))
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+            waiting = set(tasks)
+            failed = None
+            while not main.done() and failed is None:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                failed = next((t for t in done if t.exception() is not None), None)
             if failed is not None:
                 scheduler.stop()
                 error = failed.exception()

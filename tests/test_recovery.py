@@ -5,6 +5,7 @@ replicas are fenced, and a run killed with its driver resumes from its checkpoin
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -193,3 +194,13 @@ async def test_a_killed_serve_peer_does_not_lose_the_run(three_peers, victim, tm
     assert [e["role"] for e in recovered] == [victim]
     assert recovered[0]["node"] != target
     assert run.final["test_accuracy"] > 0.9
+
+
+async def test_a_run_without_periodic_checkpoints_does_all_its_units(tmp_path):
+    data = asyncdb.datasets.load("digits")
+    async with asyncdb.Cluster.inproc(shards=1, replicas=2) as cluster:
+        run = await cluster.train(MLP([64, 32, 10]), data, epochs=2,
+                                  algorithm=asyncdb.Downpour(unit_steps=10),
+                                  checkpoint_dir=tmp_path, checkpoint_every=math.inf)
+    assert run.units["done"] == run.units["planned"] > 2
+    assert list(tmp_path.glob("shard-0.*.ckpt"))  # the one taken at the start

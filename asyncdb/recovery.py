@@ -194,7 +194,7 @@ class Recovery:
         """An ask to one of `nodes` failed: report those that are no longer alive."""
         for node in nodes:
             if node not in self._failed and not self.placement.alive(node):
-                self.failed(node, "is gone")
+                self.failed(node, "died (found gone after a failed unit)")
 
     async def settled(self) -> None:
         """Wait until no recovery is in progress; `RecoveryFailed` if one failed."""

@@ -99,6 +99,15 @@ def open_arrays(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def inline_spec(spec: Any) -> dict[str, Any]:
+    """`spec` if it carries its arrays inline; ConfigError otherwise (what a network
+    peer's replica must get: data inside the message, never a name on this host)."""
+    if not isinstance(spec, dict) or spec.get("kind") != "inline":
+        raise ConfigError("a network peer's replica gets its data inline, inside the "
+                          "message; it cannot name data on this host")
+    return spec
+
+
 def inline_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """A spec that carries the arrays themselves (same process, or streamed)."""
     return {"kind": "inline", "arrays": arrays}

@@ -23,7 +23,7 @@ import numpy as np
 from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
-from .data import open_arrays
+from .data import inline_spec, open_arrays
 from .errors import ConfigError
 from .params import ParameterLayout
 from .registry import register_actor
@@ -197,10 +197,7 @@ class Replica(Actor):
         if params > policy.max_params:
             raise ConfigError(f"a replica of {model} has {params} parameters, over this "
                               f"node's limit of {policy.max_params}")
-        data = config.get("data")
-        if not isinstance(data, dict) or data.get("kind") != "inline":
-            raise ConfigError("a network peer's replica gets its data inline, inside the "
-                              "message; it cannot name data on this host")
+        data = inline_spec(config.get("data"))
         rows = min((len(a) for a in (data.get("arrays") or {}).values()
                     if isinstance(a, np.ndarray) and a.ndim), default=0)
         units = sum(int(s) for s in getattr(model, "sizes", ()))

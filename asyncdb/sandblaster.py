@@ -30,7 +30,7 @@ from asyncdb.models import Model
 
 from . import codec
 from .actor import Actor, ActorRef
-from .data import open_arrays
+from .data import inline_spec, open_arrays
 from .errors import ActorDead, ChannelClosed, ConfigError, Timeout, TrainingFailed
 from .params import ParameterLayout
 from .registry import register_actor
@@ -141,10 +141,7 @@ class SandblasterReplica(Actor):
         if 3 * model.num_params() > policy.max_params:
             raise ConfigError(f"a Sandblaster replica of {model} is over this node's "
                               f"limit of {policy.max_params} parameters")
-        data = config.get("data")
-        if not isinstance(data, dict) or data.get("kind") != "inline":
-            raise ConfigError("a network peer's replica gets its data inline, inside the "
-                              "message; it cannot name data on this host")
+        inline_spec(config.get("data"))
 
     def __init__(self, index: int, model: dict[str, Any], shards: list[ActorRef],
                  bounds: list[list[int]], data: dict[str, Any], slowdown: float = 1.0) -> None:

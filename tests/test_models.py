@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numerics import worst_gradient_error
 
 from asyncdb.models import MLP, Model, SoftmaxRegression
 
@@ -15,18 +16,7 @@ def finite_difference_check(model: Model, seed: int = 0) -> float:
     n_out = list(model.param_shapes().values())[-1][0]
     x = rng.standard_normal((7, n_in))
     y = rng.integers(0, n_out, 7)
-    _, grads = model.loss_and_grad(params, x, y)
-    worst, eps = 0.0, 1e-6
-    for name, value in params.items():
-        for idx in np.ndindex(value.shape):
-            old = value[idx]
-            value[idx] = old + eps
-            plus, _ = model.loss_and_grad(params, x, y)
-            value[idx] = old - eps
-            minus, _ = model.loss_and_grad(params, x, y)
-            value[idx] = old
-            worst = max(worst, abs((plus - minus) / (2 * eps) - grads[name][idx]))
-    return worst
+    return worst_gradient_error(model, params, x, y)
 
 
 @pytest.mark.parametrize("model", [MLP([6, 5, 4, 3]), MLP([4, 3]), SoftmaxRegression(5, 4)])

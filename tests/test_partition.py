@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numerics import worst_gradient_error
 
 from asyncdb.models import MLP, LocallyConnected1D, Model, split_loss_and_grad
 from asyncdb.models.partition import split_span
@@ -47,18 +48,7 @@ def test_split_loss_and_gradients_equal_the_whole_model(model, parts, dtype, tol
 @pytest.mark.parametrize("model", MODELS[2:], ids=repr)
 def test_locally_connected_gradients_match_finite_differences(model):
     params, x, y = problem(model, np.float64, batch=4)
-    _, grads = model.loss_and_grad(params, x, y)
-    worst, eps = 0.0, 1e-6
-    for name, value in params.items():
-        for idx in np.ndindex(value.shape):
-            old = value[idx]
-            value[idx] = old + eps
-            plus, _ = model.loss_and_grad(params, x, y)
-            value[idx] = old - eps
-            minus, _ = model.loss_and_grad(params, x, y)
-            value[idx] = old
-            worst = max(worst, abs((plus - minus) / (2 * eps) - grads[name][idx]))
-    assert worst < 1e-6
+    assert worst_gradient_error(model, params, x, y) < 1e-6
 
 
 def test_locally_connected_units_see_only_their_window():

@@ -257,6 +257,23 @@ class Evaluator(Actor):
         raise ConfigError(f"evaluator: unknown op {message.get('op')!r}")
 
 
+class Changes:
+    """Wakes everyone waiting when something changed (a result, a loss, a busy
+    replica). No lock: the waiters and notifiers share one event loop, so a waiter
+    that checked its condition cannot miss the notification that follows."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
 class Passes:
     """Runs passes over the batch: portions through a work queue to the replicas,
     gradients accumulated on the shards exactly once. Lost replicas are dropped."""
@@ -274,6 +291,7 @@ class Passes:
         self.totals = {"backups_issued": 0, "backups_used": 0, "duplicates": 0,
                        "reissued": 0, "taken_back": 0, "passes": 0}
         self.portions_per_replica = dict.fromkeys(self.live, 0)
+        self.seconds: dict[int, float] = {}  # each replica's latest time for a portion
 
     async def run(self, kind: str, vector: str, target: str | None = None) -> float:
         """The batch's loss sum at `vector` ("x" or "xt"); with `target` ("g" or "gt")
@@ -302,7 +320,7 @@ class Passes:
         """Until every portion is settled. A replica still busy on a portion whose
         backup already counted is not waited for: its ask is dropped, and what it
         holds is found on the shards or done again by the others (`_unstick`)."""
-        changed = asyncio.Condition()
+        changed = Changes()
         busy: set[int] = set()
         feeders = [asyncio.ensure_future(self._feed(r, queue, kind, vector, push_every,
                                                     losses, changed, busy))
@@ -317,9 +335,8 @@ class Passes:
                 if self._stuck(queue, busy):
                     await self._unstick(queue, busy, kind, changed)
                     continue
-                async with changed:
-                    await changed.wait_for(lambda: queue.done or self._stuck(queue, busy)
-                                           or any(task.done() for task in running))
+                if not any(task.done() for task in running):
+                    await changed.wait()
         finally:
             for task in feeders:
                 task.cancel()
@@ -342,7 +359,7 @@ class Passes:
         return queue.drained and bool(held) and held <= busy
 
     async def _unstick(self, queue: WorkQueue, busy: set[int], kind: str,
-                       changed: asyncio.Condition) -> None:
+                       changed: Changes) -> None:
         """Settle what the shards already counted; give back what a busy replica still
         holds, for the idle ones to do again (a late push of it is a duplicate the
         shards drop)."""
@@ -354,8 +371,7 @@ class Passes:
         for holder in {queue.holder[u] for u in queue.holder} & busy:
             back = queue.lose(holder)
             self.totals["taken_back"] += len(back)
-        async with changed:
-            changed.notify_all()
+        changed.notify()
 
     async def _ask(self, r: int, message: dict[str, Any]) -> Any:
         reply = await self.live[r].ask(message)
@@ -364,37 +380,39 @@ class Passes:
 
     async def _feed(self, r: int, queue: WorkQueue, kind: str, vector: str,
                     push_every: int, losses: dict[int, float],
-                    changed: asyncio.Condition, busy: set[int]) -> None:
+                    changed: Changes, busy: set[int]) -> None:
         try:
             await self._feed_loop(r, queue, kind, vector, push_every, losses, changed, busy)
         finally:  # ended, failed or lost: the drain looks again
-            async with changed:
-                changed.notify_all()
+            changed.notify()
 
     async def _feed_loop(self, r: int, queue: WorkQueue, kind: str, vector: str,
                          push_every: int, losses: dict[int, float],
-                         changed: asyncio.Condition, busy: set[int]) -> None:
+                         changed: Changes, busy: set[int]) -> None:
         verdict: list[list[Any]] = []
+        taken = 0  # a replica's first portion of a pass is always given: it times it again
         try:
             while not queue.done:
                 queue.expire()
-                lease = queue.take(r)
+                lease = queue.take(r) if not taken or self._in_time(r, queue) else None
                 if lease is None:
                     if verdict or queue.unsettled(r):
                         reply = await self._ask(r, {"op": "flush", "pass": self.pass_id,
                                                     "verdict": verdict})
                         verdict = []
                         queue.settle(r, reply["pushed"])
-                        async with changed:
-                            changed.notify_all()
+                        changed.notify()
                         continue
                     await self._wait(queue, changed)
                     continue
                 # near the end of a pass (less left than a round of accumulating for
                 # everyone) results are pushed at once: nobody sits on counted portions
                 every = 1 if len(queue.pending) < len(self.live) * push_every else push_every
+                taken += 1
+                began = queue.clock()
                 reply = await self._busy(r, busy, changed, self._portion(
                     lease, kind, vector, every, verdict))
+                self.seconds[r] = queue.clock() - began
                 verdict = []
                 queue.settle(r, reply["pushed"])
                 if queue.finish(lease):
@@ -405,20 +423,30 @@ class Passes:
                         queue.settle(r, [lease.unit])
                 elif kind == "grad":
                     verdict.append([lease.unit, False])
-                async with changed:
-                    changed.notify_all()
+                changed.notify()
         except (ChannelClosed, ActorDead, Timeout) as exc:  # the replica or its node is gone
             self._lose(r, queue, exc)
-            async with changed:
-                changed.notify_all()
+            changed.notify()
 
-    async def _busy(self, r: int, busy: set[int], changed: asyncio.Condition,
+    def _in_time(self, r: int, queue: WorkQueue) -> bool:
+        """With backups on, a replica's next portion of a pass (or backup copy) goes to
+        it only if its last portion took less than the others would need to finish
+        theirs and do what is left (at least twice their mean): a straggler waits for
+        the next pass instead of holding work the others must copy. The fastest
+        replica always qualifies, so nothing is left undone."""
+        mine = self.seconds.get(r)
+        others = [self.seconds[o] for o in self.live if o != r and o in self.seconds]
+        if not self.settings.backup_tasks or mine is None or not others:
+            return True
+        rounds = -(-len(queue.pending) // len(others))  # what is left, shared out
+        return mine < max(2, rounds + 1) * sum(others) / len(others)
+
+    async def _busy(self, r: int, busy: set[int], changed: Changes,
                     message: dict[str, Any]) -> Any:
         """Ask replica `r` for a portion, marked busy meanwhile (the drain may stop
         waiting for it)."""
         busy.add(r)
-        async with changed:
-            changed.notify_all()
+        changed.notify()
         try:
             return await self._ask(r, message)
         finally:
@@ -431,12 +459,10 @@ class Passes:
                 "portion": lease.unit, "rows": [lo, hi], "verdict": verdict,
                 "push_every": push_every}
 
-    async def _wait(self, queue: WorkQueue, changed: asyncio.Condition) -> None:
+    async def _wait(self, queue: WorkQueue, changed: Changes) -> None:
         deadline = queue.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - queue.clock())
-        async with changed:
-            with contextlib.suppress(TimeoutError):  # a lease is late: expire() re-issues it
-                await asyncio.wait_for(changed.wait(), timeout)
+        await changed.wait(timeout)  # on timeout a lease is late: expire() re-issues it
 
     def _lose(self, r: int, queue: WorkQueue, exc: BaseException) -> None:
         back = queue.lose(r)

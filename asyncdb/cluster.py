@@ -217,6 +217,7 @@ class Cluster:
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
             events=result["events"], units=result["units"],
+            checkpoints=result.get("checkpoints"),
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
                     "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),

@@ -295,6 +295,21 @@ class Cluster:
             raise ConfigError("add_replicas needs a Downpour run in progress")
         return await self._run.add_replicas(n)
 
+    async def add_peer(self, url: str, replicas: int = 1) -> list[int]:
+        """Under `Cluster.connect`, during a Downpour run: connect the `asyncdb serve`
+        peer at `url` (same secret), link it to every live peer and start `replicas`
+        replicas there, which take units from the run's queue at once (each unit they
+        do carries its rows). Returns their indices."""
+        placement = self.placement
+        if not isinstance(placement, RemotePeers):
+            raise ConfigError("add_peer is for Cluster.connect; use add_replicas here")
+        if self._run is None:
+            raise ConfigError("add_peer needs a Downpour run in progress")
+        run = self._run
+        run.check_elastic()
+        peer = await placement.add_peer(url)
+        return await run.add_replicas(replicas, node=peer)
+
     async def remove_replicas(self, n: int = 1) -> list[int]:
         """Take the `n` newest live replicas out of the run in progress: each finishes
         the unit it is doing, then stops, so nothing is lost or counted twice; at least

@@ -201,6 +201,7 @@ class RemotePeers(Placement):
         self.ssl_context = ssl_context
         self.heartbeat = heartbeat
         self.peer_ids: list[str] = []
+        self._initial = len(self.urls)  # peers added during a run are placed by it
         self._replacements = 0
 
     def driver_name(self) -> str:
@@ -220,8 +221,28 @@ class RemotePeers(Placement):
             for url in self.urls[i + 1:]:
                 await node.ref(peer, SYSTEM).ask({"op": "dial", "url": url})
 
+    async def add_peer(self, url: str) -> str:
+        """Connect one more peer during a run and link it to every live peer (it dials
+        them); its node id."""
+        node = self.node
+        assert node is not None
+        channel = await ws.connect(url, self.secret, node.id, ssl_context=self.ssl_context,
+                                   heartbeat=self.heartbeat)
+        if channel.peer in self.peer_ids or channel.peer == node.id:
+            await channel.close()
+            raise ConfigError(f"{url} reaches node {channel.peer!r}, which is already in "
+                              "the cluster")
+        node.connect(channel.peer, channel)
+        live = node.peers()
+        for peer, other in zip(self.peer_ids, self.urls, strict=True):
+            if peer in live:
+                await node.ref(channel.peer, SYSTEM).ask({"op": "dial", "url": other})
+        self.peer_ids.append(channel.peer)
+        self.urls.append(url)
+        return channel.peer
+
     def place(self, shards: int, replicas: int) -> tuple[list[str], list[str]]:
-        ids = self.peer_ids
+        ids = self.peer_ids[:self._initial]
         return ([ids[i % len(ids)] for i in range(shards)],
                 [ids[(shards + i) % len(ids)] for i in range(replicas)])
 

@@ -21,6 +21,7 @@ from asyncdb.models import Model
 from .actor import ActorRef
 from .checkpoint import CheckpointStore
 from .coordinator import Coordinator, Progress
+from .data import inline_arrays
 from .datasets import Dataset
 from .downpour import Downpour, Replica, Unit, plan_units
 from .errors import CheckpointError, ConfigError
@@ -285,6 +286,12 @@ class DownpourRun:
 
     # -- elastic replicas --------------------------------------------------------
 
+    def check_elastic(self) -> None:
+        """`ConfigError` unless replicas can join this run now."""
+        self._scheduler()
+        if self.partitions > 1:
+            raise ConfigError("replicas of several partitions cannot be added during a run")
+
     def _scheduler(self) -> UnitScheduler:
         coordinator = self.coordinator
         if coordinator is None or coordinator.scheduler is None or self.rows is None \
@@ -293,29 +300,34 @@ class DownpourRun:
                               "under way (call it while cluster.train runs)")
         return coordinator.scheduler
 
-    async def add_replicas(self, n: int) -> list[int]:
-        """`n` more replicas, each on a node of its own where the placement makes
-        nodes; they take units from the run's queue at once. Their indices."""
+    async def add_replicas(self, n: int, node: str | None = None) -> list[int]:
+        """`n` more replicas, on `node` or each on a node of its own where the
+        placement makes nodes; they take units from the run's queue at once. Their
+        indices."""
         if n < 1:
             raise ConfigError(f"add_replicas needs n >= 1, got {n}")
         if self.partitions > 1:
             raise ConfigError("replicas of several partitions cannot be added during a run")
         scheduler = self._scheduler()
         assert self.rows is not None
-        if not self.rows.everywhere:
-            raise ConfigError(f"{self.placement.name} placement cannot add replicas "
-                              "during a run")
-        spec = self.rows.specs[0]  # every replica's spec holds every row
+        if self.rows.everywhere:
+            spec = self.rows.specs[0]  # every replica's spec holds every row
+        elif node is None:
+            raise ConfigError(f"on a {self.placement.name} placement, add peers with "
+                              "cluster.add_peer(url)")
+        else:  # no rows of its own: each unit it does carries its rows
+            rows = slice(0, self.algorithm.batch_size)
+            spec = inline_arrays({"x": self.data.x_train[rows], "y": self.data.y_train[rows]})
         added = []
         for _ in range(n):
-            node = await self.placement.add_node()
+            where = node or await self.placement.add_node()
             index = len(scheduler.refs)
-            ref = await self._spawn_replica(index, [node], spec, 0)
+            ref = await self._spawn_replica(index, [where], spec, 0)
             if self.recovery is not None:
-                self.recovery.track("replica", index, node, ref, self._respawn(index, spec))
+                self.recovery.track("replica", index, where, ref, self._respawn(index, spec))
             assert scheduler.add(ref) == index
-            self.added[index] = node
-            self.events.record("joined", role="replica", index=index, node=node)
+            self.added[index] = where
+            self.events.record("joined", role="replica", index=index, node=where)
             added.append(index)
         return added
 

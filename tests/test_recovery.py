@@ -255,3 +255,29 @@ async def test_a_replica_removed_during_a_run_finishes_its_unit_and_leaves(teach
     examples = sum(int(r["examples_done"]) for r in run.replicas.values())
     assert examples == run.final["examples"]
     assert run.final["test_accuracy"] > 0.6
+
+
+async def test_a_serve_peer_added_during_a_run_takes_units(three_peers):
+    from test_ws import SECRET
+
+    data = asyncdb.datasets.load("digits")
+    urls = [p.url for p in three_peers]
+    under_way, on_progress = _under_way(0.3)
+    async with asyncdb.Cluster.connect(urls[:2], SECRET, shards=1, replicas=1) as cluster:
+        training = asyncio.create_task(cluster.train(
+            MLP([64, 64, 10]), data, algorithm=asyncdb.Downpour(batch_size=16, unit_steps=20),
+            optimizer=asyncdb.Adagrad(lr=0.05), epochs=15, eval_every=0.1,
+            on_progress=on_progress))
+        await asyncio.wait_for(under_way.wait(), 60)
+        with pytest.raises(asyncdb.ConfigError, match="add_peer"):
+            await cluster.add_replicas(1)
+        assert await cluster.add_peer(urls[2]) == [1]
+        with pytest.raises(asyncdb.ConfigError, match="already in the cluster"):
+            await cluster.add_peer(urls[0])
+        where = {a["index"]: a["node"] for a in cluster.describe() if a["role"] == "replica"}
+        run = await asyncio.wait_for(training, 180)
+    assert where[1] == "peer-c"
+    assert run.units["done"] == run.units["planned"]
+    assert [(e["index"], e["node"]) for e in _events(run, "joined")] == [(1, "peer-c")]
+    assert int(run.replicas[1]["examples_done"]) > 0  # it did units, their rows inline
+    assert run.final["test_accuracy"] > 0.9

@@ -53,11 +53,22 @@ class Events:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.entries: list[dict[str, Any]] = []
+        self._recorded = asyncio.Event()
 
     def record(self, kind: str, **fields: Any) -> dict[str, Any]:
         entry = {"time": round(time.perf_counter() - self.started, 4), "event": kind, **fields}
         self.entries.append(entry)
+        self._recorded.set()
         return entry
+
+    async def wait(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """The first entry of `kind` with these fields, once it is recorded."""
+        while True:
+            for entry in self.entries:
+                if entry["event"] == kind and all(entry.get(k) == v for k, v in fields.items()):
+                    return entry
+            self._recorded.clear()
+            await self._recorded.wait()
 
 
 @dataclass

@@ -281,3 +281,35 @@ async def test_a_serve_peer_added_during_a_run_takes_units(three_peers):
     assert [(e["index"], e["node"]) for e in _events(run, "joined")] == [(1, "peer-c")]
     assert int(run.replicas[1]["examples_done"]) > 0  # it did units, their rows inline
     assert run.final["test_accuracy"] > 0.9
+
+
+async def test_a_frozen_serve_peer_is_replaced_and_wakes_to_change_nothing(three_peers):
+    from test_ws import SECRET
+
+    data = asyncdb.datasets.load("digits")
+    under_way, on_progress = _under_way(0.5)
+    async with asyncdb.Cluster.connect([p.url for p in three_peers], SECRET, shards=1,
+                                       replicas=2, heartbeat=1.0) as cluster:
+        training = asyncio.create_task(cluster.train(
+            MLP([64, 64, 10]), data, algorithm=asyncdb.Downpour(batch_size=16, unit_steps=20),
+            optimizer=asyncdb.Adagrad(lr=0.05), epochs=30, eval_every=0.1,
+            on_progress=on_progress))
+        await asyncio.wait_for(under_way.wait(), 60)
+        target = next(a["node"] for a in cluster.describe()
+                      if a["role"] == "replica" and a["index"] == 1)
+        peer = three_peers[["peer-a", "peer-b", "peer-c"].index(target)]
+        assert cluster.recovery is not None
+        events = cluster.recovery.events
+        os.kill(peer.proc.pid, signal.SIGSTOP)
+        try:  # the heartbeat finds it silent; its replica comes back elsewhere
+            recovered = await asyncio.wait_for(
+                events.wait("recovered", role="replica", index=1), 60)
+        finally:
+            os.kill(peer.proc.pid, signal.SIGCONT)  # the old incarnation wakes up
+        run = await asyncio.wait_for(training, 180)
+    assert recovered["node"] != target and recovered["generation"] == 1
+    failure = _events(run, "failure")
+    assert len(failure) == 1 and failure[0]["node"] == target
+    assert run.units["done"] == run.units["planned"]
+    assert run.replicas[1]["generation"] == 1  # no result of the old one was taken
+    assert run.final["test_accuracy"] > 0.9

@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .lbfgs import train_sandblaster
 from .node import Node
 from .optim import Adagrad, UpdateRule
-from .params import Layout, ParameterLayout
+from .params import Layout, layout_of, tensors_of
 from .placement import InProcess, LocalProcesses, Placement, RemotePeers
 from .process import LocalNodes
 from .recovery import Recovery
@@ -254,15 +254,11 @@ class Cluster:
                                  optimizer: UpdateRule | None, seed: int,
                                  on_progress: Progress | None) -> Run:
         """Sandblaster L-BFGS: counts iterations (`algorithm.iterations`), not epochs."""
-        if self.partitions > 1:
-            raise ConfigError("Sandblaster does not run partitioned replicas; use partitions=1")
         if epochs is not None or steps is not None or optimizer is not None:
             raise ConfigError("Sandblaster counts iterations, not epochs or steps, and has "
                               "no update rule: pass epochs=None and no steps or optimizer")
-        if self.partitions != 1:
-            raise ConfigError("Sandblaster runs whole replicas: use partitions=1")
         assert self.node is not None
-        layout = ParameterLayout(model.param_shapes())
+        layout = layout_of(model, self.partitions)
 
         def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
             self._live = (layout, ShardClient(shards, bounds))
@@ -270,11 +266,12 @@ class Cluster:
         try:
             result = await train_sandblaster(self.node, self.placement, self.shards,
                                              self.replicas, model, data, algorithm, seed=seed,
-                                             on_progress=on_progress, on_shards=live)
+                                             on_progress=on_progress, on_shards=live,
+                                             partitions=self.partitions)
         finally:
             self._live = None
         return Run(
-            history=result["history"], params=dict(layout.views(np.array(result["params"]))),
+            history=result["history"], params=tensors_of(layout, np.array(result["params"])),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
             config={"mode": self.placement.name, "shards": self.shards,

@@ -27,14 +27,17 @@ from asyncdb.models import Model
 
 from .actor import Actor, ActorRef
 from .datasets import Dataset
+from .downpour import Downpour
 from .errors import ConfigError
 from .linesearch import Step, StrongWolfe
+from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import SGD
-from .params import ParameterLayout
+from .params import PartitionedLayout, layout_of, spans_of
 from .placement import Placement
 from .registry import register_actor
 from .sandblaster import Evaluator, Passes, Sandblaster, SandblasterReplica, wire_bytes
+from .sandblaster_partition import SandblasterPartition
 from .shard import ParameterShard
 from .shard_client import ShardClient
 from .system import SYSTEM
@@ -218,20 +221,22 @@ class SandblasterCoordinator(Actor):
 async def train_sandblaster(node: Node, placement: Placement, shards: int, replicas: int,
                             model: Model, data: Dataset, algorithm: Sandblaster, *,
                             seed: int = 0, on_progress: Any = None,
-                            on_shards: Any = None) -> dict[str, Any]:
+                            on_shards: Any = None, partitions: int = 1) -> dict[str, Any]:
     """Spawn a Sandblaster run's shards, replicas, evaluator and coordinator where
     `placement` says, run it, stop them all; answers what `Run` is built from.
     Every replica receives the whole training set once (any portion can go to it).
-    `on_shards(refs, bounds)` hears of the shards once they are up."""
+    `on_shards(refs, bounds)` hears of the shards once they are up. With `partitions`
+    > 1 each replica is that many `SandblasterPartition`s, each talking to the shards
+    of its own block."""
     rows = len(data.x_train)
     algorithm.check(model, rows, replicas)
-    layout = ParameterLayout(model.param_shapes())
+    layout = layout_of(model, partitions)
     bounds = layout.shard_bounds(shards)
     tensors = model.init_params(np.random.default_rng(seed))
     initial = layout.flatten(tensors, dtype=next(iter(tensors.values())).dtype)
-    offsets = layout.offsets
-    penalized = [offsets[name] for name in model.penalized()]
-    shard_nodes, replica_nodes = placement.place(shards, replicas)
+    penalized = spans_of(layout, model.penalized())
+    shard_nodes, slot_nodes = placement.place(shards, replicas * partitions)
+    replica_nodes = [slot_nodes[i * partitions:(i + 1) * partitions] for i in range(replicas)]
     training = placement.training_data(data.x_train, data.y_train, [[0, rows]] * replicas)
     plain_bounds = [list(b) for b in bounds]
     spawned: list[ActorRef] = []
@@ -249,14 +254,23 @@ async def train_sandblaster(node: Node, placement: Placement, shards: int, repli
         replica_refs = []
         for i in range(replicas):
             slowdown = algorithm.slowdown[i] if i < len(algorithm.slowdown) else 1.0
-            replica_refs.append(await node.spawn(SandblasterReplica, node=replica_nodes[i],
+            if isinstance(layout, PartitionedLayout):
+                ref, refs = await spawn_partitioned_replica(
+                    node, i, model, replica_nodes[i], shard_refs, bounds, layout.block_bounds,
+                    {"data": training.specs[i], "slowdown": slowdown, "algorithm":
+                     Downpour(batch_size=algorithm.portion_size).to_config()},
+                    SandblasterPartition)
+                replica_refs.append(ref)
+                spawned += refs
+                continue
+            replica_refs.append(await node.spawn(SandblasterReplica, node=replica_nodes[i][0],
                                                  config={
                 "index": i, "model": model.to_config(), "shards": shard_refs,
                 "bounds": plain_bounds, "data": training.specs[i], "slowdown": slowdown}))
-        spawned += replica_refs
+            spawned.append(replica_refs[-1])
         evaluator = await node.spawn(Evaluator, config={
             "model": model.to_config(), "shards": shard_refs, "bounds": plain_bounds,
-            "x_test": data.x_test, "y_test": data.y_test})
+            "x_test": data.x_test, "y_test": data.y_test, "partitions": partitions})
         spawned.append(evaluator)
         coordinator = await node.spawn(SandblasterCoordinator, config={
             "shards": shard_refs, "bounds": plain_bounds, "rows": rows,

@@ -348,6 +348,9 @@ class PartitionedReplica(Actor):
                                          int(message["steps"])) for p in self.partitions])
             return {"seconds": max(p["seconds"] for p in parts), "partitions": parts,
                     "exchange_bytes": sum(int(p["exchange_bytes"]) for p in parts)}
+        if message.get("op") in ("portion", "flush"):  # Sandblaster: every partition
+            return self._portion(message, await self._together(
+                [p.ask(message, timeout=None) for p in self.partitions]))
         if message.get("op") == "counts":
             return self._summary(await asyncio.gather(
                 *(ReplicaClient(p).counts() for p in self.partitions)))
@@ -392,6 +395,15 @@ class PartitionedReplica(Actor):
         log.warning("replica %d lost: %s", self.index, reason)
         raise ActorDead(f"replica {self.index} lost: {reason}") from error
 
+    @staticmethod
+    def _portion(message: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Partition 0's loss; pushed are the portions every partition pushed (each
+        pushes its own block to its own shards)."""
+        pushed = set.intersection(*(set(p["pushed"]) for p in parts))
+        if message["op"] == "flush":
+            return {"pushed": sorted(pushed)}
+        return {**parts[0], "pushed": sorted(pushed)}
+
     def _summary(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
         """Partition 0's counters (steps, examples, the loss), the exchange summed."""
         summary = dict(parts[0])
@@ -403,17 +415,19 @@ class PartitionedReplica(Actor):
 async def spawn_partitioned_replica(
         node: Any, index: int, model: Model, nodes: list[str], shards: list[ActorRef],
         bounds: list[tuple[int, int]], block_bounds: list[tuple[int, int]],
-        config: dict[str, Any]) -> tuple[ActorRef, list[ActorRef]]:
+        config: dict[str, Any], kind: type[Partition] | None = None,
+) -> tuple[ActorRef, list[ActorRef]]:
     """Spawn replica `index` as one partition per node of `nodes`, each talking to the
     shards inside its block, and the `PartitionedReplica` over them (on partition 0's
-    node). Returns that replica and everything spawned, in spawn order."""
+    node). `kind`: the partition actor (`Partition`, Downpour's, by default). Returns
+    that replica and everything spawned, in spawn order."""
     parts = len(nodes)
     names = [f"replica{index}-part{p}" for p in range(parts)]
     peers = [node.ref(nodes[p], names[p]) for p in range(parts)]
     spawned: list[ActorRef] = []
     for p, (lo, hi) in enumerate(block_bounds):
         mine = [i for i, (s_lo, s_hi) in enumerate(bounds) if lo <= s_lo and s_hi <= hi]
-        ref = await node.spawn(Partition, name=names[p], node=nodes[p], config={
+        ref = await node.spawn(kind or Partition, name=names[p], node=nodes[p], config={
             **config, "index": index, "part": p, "parts": parts, "peers": peers,
             "model": model.to_config(), "shards": [shards[i] for i in mine],
             "bounds": [[bounds[i][0] - lo, bounds[i][1] - lo] for i in mine]})

@@ -133,3 +133,24 @@ def layout_of(model: Model, parts: int = 1) -> Layout:
     if parts == 1:
         return ParameterLayout(model.param_shapes())
     return PartitionedLayout(model, parts)
+
+
+def tensors_of(layout: Layout, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """The user-facing tensors of `flat` (views for a whole layout, copies when
+    partitioned)."""
+    if isinstance(layout, PartitionedLayout):
+        return layout.tensors(flat)
+    return dict(layout.views(flat))
+
+
+def spans_of(layout: Layout, names: list[str]) -> list[tuple[int, int]]:
+    """The flat ranges of the tensors `names` (user-facing names); several per tensor
+    when partitioned (one per partition's share of it)."""
+    if isinstance(layout, ParameterLayout):
+        return [layout.offsets[name] for name in names]
+    spans = []
+    for (lo, _hi), block, index in zip(layout.block_bounds, layout.blocks, layout.indexes,
+                                       strict=True):
+        spans += [(lo + a, lo + b) for name, (a, b) in block.offsets.items()
+                  if index[name][0] in names]
+    return spans

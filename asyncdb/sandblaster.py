@@ -32,7 +32,7 @@ from . import codec
 from .actor import Actor, ActorRef
 from .data import inline_spec, open_arrays
 from .errors import ActorDead, ChannelClosed, ConfigError, Timeout, TrainingFailed
-from .params import ParameterLayout
+from .params import ParameterLayout, layout_of, tensors_of
 from .registry import register_actor
 from .shard_client import ShardClient
 from .system import PeerPolicy
@@ -241,9 +241,9 @@ class Evaluator(Actor):
     network_spawn = False  # lives on the driver's node
 
     def __init__(self, model: dict[str, Any], shards: list[ActorRef], bounds: list[list[int]],
-                 x_test: np.ndarray, y_test: np.ndarray) -> None:
+                 x_test: np.ndarray, y_test: np.ndarray, partitions: int = 1) -> None:
         self.model = Model.from_config(model)
-        self.layout = ParameterLayout(self.model.param_shapes())
+        self.layout = layout_of(self.model, partitions)
         self.client = ShardClient(shards, bounds)
         self.x_test, self.y_test = x_test, y_test
         self.dtype = next(iter(self.model.init_params(np.random.default_rng(0)).values())).dtype
@@ -253,7 +253,7 @@ class Evaluator(Actor):
         if message.get("op") == "params":
             return flat
         if message.get("op") == "evaluate":
-            return self.model.accuracy(self.layout.views(flat), self.x_test, self.y_test)
+            return self.model.accuracy(tensors_of(self.layout, flat), self.x_test, self.y_test)
         raise ConfigError(f"evaluator: unknown op {message.get('op')!r}")
 
 

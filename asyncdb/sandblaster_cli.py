@@ -49,7 +49,8 @@ async def train(args: argparse.Namespace, data: Dataset, hidden: list[int],
     algorithm = Sandblaster(memory=args.lbfgs_memory, portion_size=args.portion_size,
                             iterations=args.iterations, gtol=args.gtol, ftol=args.ftol,
                             max_seconds=args.max_seconds, backup_tasks=args.backup_tasks)
-    print(f"asyncdb train: {model} on {data}, {args.replicas} replicas and {args.shards} "
+    split = f" of {args.partitions} partitions" if args.partitions > 1 else ""
+    print(f"asyncdb train: {model} on {data}, {args.replicas} replicas{split} and {args.shards} "
           f"shards {where}, Sandblaster L-BFGS (memory {args.lbfgs_memory}, portions of "
           f"{args.portion_size} rows, up to {args.iterations} iterations)")
     async with cluster:

@@ -73,6 +73,12 @@ def test_train_sandblaster(tmp_path):
     assert saved["config"]["algorithm"]["portion_size"] == 128
     assert [e["iteration"] for e in saved["history"]] == list(range(7))
     assert saved["history"][-1]["test_accuracy"] > 0.9
+    out = asyncdb_cli("train", "--algorithm", "sandblaster", "--partitions", "2", "--iterations",
+                      "3", "--portion-size", "128", "--hidden", "32", "--history", str(history))
+    assert out.returncode == 0, out.stderr
+    assert "replicas of 2 partitions" in out.stdout and "iteration    3" in out.stdout
+    saved = json.loads(history.read_text())
+    assert saved["history"][-1]["loss"] < saved["history"][0]["loss"]
     out = asyncdb_cli("train", "--inproc", "--algorithm", "sandblaster", "--portion-size", "0")
     assert out.returncode == 1 and "portion_size" in out.stderr
 

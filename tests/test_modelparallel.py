@@ -248,10 +248,3 @@ def test_partitioned_layout_keeps_each_partition_contiguous_and_user_shapes():
                                tensors["W1"][:3].ravel(), tensors["b1"]])
     assert np.array_equal(flat[lo:hi], expected)
     assert layout.block_bounds[1] == (hi, layout.size) and layout.size == model.num_params()
-
-
-async def test_sandblaster_refuses_partitioned_replicas(digits):
-    model = MLP([digits.n_features, 8, digits.n_classes])
-    async with asyncdb.Cluster.inproc(shards=2, replicas=1, partitions=2) as cluster:
-        with pytest.raises(asyncdb.ConfigError, match="partitioned"):
-            await cluster.train(model, digits, algorithm=asyncdb.Sandblaster())

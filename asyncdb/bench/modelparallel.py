@@ -14,8 +14,10 @@ exchange only the activations at their boundary.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,44 +52,68 @@ def steps_for(warm_up_step: float, seconds: float = 1.5) -> int:
     return max(3, min(50, int(seconds / max(warm_up_step, 1e-6))))
 
 
-async def measure(node: Node, model: Model, parts: int, threads: int, data: SharedArrays,
-                  settings: Settings, repeat: int) -> dict[str, Any]:
-    """Median step time of one replica of `model` in `parts` partitions, each in its own
-    node process with `threads` BLAS threads; and of Downpour steps with fetch and push."""
-    layout = PartitionedLayout(model, parts)
-    flat = layout.flatten(model.init_params(np.random.default_rng(0)))
-    bounds = layout.shard_bounds(parts)
-    async with LocalNodes(node, parts, threads_per_node=threads) as nodes:
-        spawned = [await node.spawn("asyncdb.ParameterShard", config={
+class Setup:
+    """One replica of `model` in `parts` partitions, each in its own node process with
+    `threads` BLAS threads, and its shards (in the driver's process)."""
+
+    def __init__(self, node: Node, model: Model, parts: int, threads: int,
+                 data: SharedArrays, settings: Settings) -> None:
+        self.node, self.model, self.parts, self.threads = node, model, parts, threads
+        self.data, self.settings = data, settings
+        self.runs: list[dict[str, Any]] = []
+        self.spawned: list[Any] = []
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> ReplicaClient:
+        layout = PartitionedLayout(self.model, self.parts)
+        flat = layout.flatten(self.model.init_params(np.random.default_rng(0)))
+        bounds = layout.shard_bounds(self.parts)
+        nodes = await stack.enter_async_context(
+            LocalNodes(self.node, self.parts, threads_per_node=self.threads))
+        stack.push_async_callback(self.stop)
+        self.spawned = [await self.node.spawn("asyncdb.ParameterShard", config={
             "index": i, "values": flat[lo:hi], "optimizer": SGD(1e-4).to_config()})
             for i, (lo, hi) in enumerate(bounds)]
-        algorithm = Downpour(batch_size=settings.batch_size)
+        algorithm = Downpour(batch_size=self.settings.batch_size)
         replica, refs = await spawn_partitioned_replica(
-            node, 0, model, nodes.ids, spawned, bounds, layout.block_bounds,
-            {"data": data.spec, "algorithm": algorithm.to_config()})
-        spawned += refs
-        client = ReplicaClient(replica)
-        try:
-            warm = await client.compute(0, settings.rows, 2)  # buffers, page faults
-            steps = steps_for(warm["seconds"] / 2)
-            runs = [await client.compute(0, settings.rows, steps) for _ in range(repeat)]
-            trained = await client.train(0, settings.rows, max(2, steps // 2))
-        finally:
-            for ref in reversed(spawned):
-                await node.ref(ref.node_id, SYSTEM).ask({"op": "stop", "name": ref.name})
-    best = min(runs, key=lambda r: r["seconds"])
-    step = statistics.median(r["seconds"] for r in runs) / steps
-    waits = [p["exchange_wait_s"] for p in best["partitions"]]
-    return {"step_s": step, "exchange_bytes_per_step": best["exchange_bytes"] // steps,
-            "wait_share": statistics.mean(waits) / best["seconds"],
-            "train_step_s": trained["seconds"] / trained["steps"]}
+            self.node, 0, self.model, nodes.ids, self.spawned, bounds, layout.block_bounds,
+            {"data": self.data.spec, "algorithm": algorithm.to_config()})
+        self.spawned += refs
+        self.client = ReplicaClient(replica)
+        await self.client.compute(0, self.settings.rows, 2)  # buffers, page faults
+        return self.client
+
+    async def stop(self) -> None:
+        for ref in reversed(self.spawned):
+            await self.node.ref(ref.node_id, SYSTEM).ask({"op": "stop", "name": ref.name})
+
+    def summary(self, steps: int, trained: dict[str, Any]) -> dict[str, Any]:
+        best = min(self.runs, key=lambda r: r["seconds"])
+        waits = [p["exchange_wait_s"] for p in best["partitions"]]
+        return {"step_s": statistics.median(r["seconds"] for r in self.runs) / steps,
+                "exchange_bytes_per_step": best["exchange_bytes"] // steps,
+                "wait_share": statistics.mean(waits) / best["seconds"],
+                "train_step_s": trained["seconds"] / trained["steps"]}
 
 
 async def compare(node: Node, model: Model, data: SharedArrays, settings: Settings,
                   repeat: int) -> dict[str, Any]:
-    one = await measure(node, model, 1, 1, data, settings, repeat)
-    two = await measure(node, model, 2, 1, data, settings, repeat)
-    reference = await measure(node, model, 1, 2, data, settings, repeat)
+    """One partition, two, and the two-thread reference, all up at once and measured
+    in turns (the order rotating each round), so the machine's noise and its memory
+    state hit each alike; medians of `repeat` rounds."""
+    setups = [Setup(node, model, parts, threads, data, settings)
+              for parts, threads in ((1, 1), (2, 1), (1, 2))]
+    async with contextlib.AsyncExitStack() as stack:
+        for setup in setups:
+            await setup.start(stack)
+        began = time.perf_counter()
+        await setups[0].client.compute(0, settings.rows, 1)
+        steps = steps_for(time.perf_counter() - began)
+        for round_ in range(repeat):
+            for k in range(len(setups)):
+                setup = setups[(round_ + k) % len(setups)]
+                setup.runs.append(await setup.client.compute(0, settings.rows, steps))
+        trained = [await s.client.train(0, settings.rows, max(2, steps // 2)) for s in setups]
+    one, two, reference = (s.summary(steps, t) for s, t in zip(setups, trained, strict=True))
     return {
         "params": model.num_params(),
         "speedup": one["step_s"] / two["step_s"],
@@ -97,6 +123,8 @@ async def compare(node: Node, model: Model, data: SharedArrays, settings: Settin
         "step_ms_2": two["step_s"] * 1e3,
         "reference_2_threads_speedup": one["step_s"] / reference["step_s"],
         "train_speedup": one["train_step_s"] / two["train_step_s"],
+        "steps": steps,
+        "repeat": repeat,
     }
 
 

@@ -9,7 +9,8 @@ the one-partition time over the two-partition time; `wait_share` the share of th
 two-partition step its partitions spent waiting for each other. `train_speedup` is the
 same ratio for Downpour steps that also fetch and push every step (shards in the
 driver's process). Then the same for a locally connected model, whose partitions
-exchange only the activations at their boundary.
+exchange only the activations at their boundary. The three are up at once and
+measured in rotating turns (medians of `repeat` rounds), so noise hits each alike.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ their checkpoints and does only the units that were not.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,8 @@ class DownpourRun:
         self.rows: TrainingData | None = None
         self.added: dict[int, str] = {}  # replicas added during the run -> their node
         self.removed: list[int] = []
+        self.finished = False  # the run's work is over: nobody may join it any more
+        self.joining = asyncio.Lock()  # held while a replica joins, so rows stay open
 
     def stop(self) -> None:
         """End the run early once it starts (see `Cluster.stop_training`)."""
@@ -191,6 +194,8 @@ class DownpourRun:
                 self.coordinator.stop()
             raise
         finally:
+            async with self.joining:  # a replica joining now finishes first
+                self.finished = True
             if self.recovery is not None:
                 await self.recovery.close()
             await self._stop_all()
@@ -295,7 +300,7 @@ class DownpourRun:
     def _scheduler(self) -> UnitScheduler:
         coordinator = self.coordinator
         if coordinator is None or coordinator.scheduler is None or self.rows is None \
-                or self.stopping:
+                or self.stopping or self.finished:
             raise ConfigError("replicas can be added or removed only while a run is "
                               "under way (call it while cluster.train runs)")
         return coordinator.scheduler
@@ -320,15 +325,18 @@ class DownpourRun:
             spec = inline_arrays({"x": self.data.x_train[rows], "y": self.data.y_train[rows]})
         added = []
         for _ in range(n):
-            where = node or await self.placement.add_node()
-            index = len(scheduler.refs)
-            ref = await self._spawn_replica(index, [where], spec, 0)
-            if self.recovery is not None:
-                self.recovery.track("replica", index, where, ref, self._respawn(index, spec))
-            assert scheduler.add(ref) == index
-            self.added[index] = where
-            self.events.record("joined", role="replica", index=index, node=where)
-            added.append(index)
+            async with self.joining:
+                self._scheduler()  # the run may have ended meanwhile
+                where = node or await self.placement.add_node()
+                index = len(scheduler.refs)
+                ref = await self._spawn_replica(index, [where], spec, 0)
+                if self.recovery is not None:
+                    self.recovery.track("replica", index, where, ref,
+                                        self._respawn(index, spec))
+                assert scheduler.add(ref) == index
+                self.added[index] = where
+                self.events.record("joined", role="replica", index=index, node=where)
+                added.append(index)
         return added
 
     async def remove_replicas(self, n: int) -> list[int]:

@@ -219,7 +219,7 @@ async def test_replicas_added_during_a_run_take_units(teacher, cluster_of):
             await cluster.add_replicas(1)
         training = asyncio.create_task(cluster.train(
             _model(), teacher, algorithm=asyncdb.Downpour(batch_size=32, unit_steps=20),
-            epochs=4, eval_every=0.1, on_progress=on_progress))
+            epochs=12, eval_every=0.1, on_progress=on_progress))
         await asyncio.wait_for(under_way.wait(), 60)
         assert await cluster.add_replicas(1) == [1]
         where = {a["index"]: a for a in cluster.describe() if a["role"] == "replica"}

@@ -193,9 +193,9 @@ def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def one_size(hidden: int, steps: int, base: Settings, hogwild: bool,
-                   rounds: int = 1) -> dict[str, Any]:
+                   rounds: int = 1, tuned_width: int = SIZES[0][0]) -> dict[str, Any]:
     s = replace(base, sizes=mlp_sizes(hidden), examples=steps * base.batch_size,
-                adagrad_lr=adagrad_lr(hidden, base))
+                adagrad_lr=adagrad_lr(hidden, base, tuned_width))
     data = teacher(s.examples, s.features, s.sizes[-1], seed=s.seed)
     params = sum(int(np.prod(shape)) for shape in MLP(s.sizes).param_shapes().values())
     arrays = {"x": data.x_train, "y": data.y_train, "x_test": data.x_test,
@@ -224,7 +224,7 @@ async def run(base: Settings | None = None, sizes: tuple[tuple[int, int], ...] =
     """Every size in turn; the smallest (with Hogwild!) `rounds` times."""
     base = base or Settings()
     rows = [await one_size(hidden, steps, base, hogwild=i == 0,
-                           rounds=rounds if i == 0 else 1)
+                           rounds=rounds if i == 0 else 1, tuned_width=sizes[0][0])
             for i, (hidden, steps) in enumerate(sizes)]
     smallest = rows[0]
     return {

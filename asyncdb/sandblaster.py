@@ -272,7 +272,7 @@ class Passes:
         self.portions = [(lo, min(lo + size, rows)) for lo in range(0, rows, size)]
         self.pass_id = 0
         self.totals = {"backups_issued": 0, "backups_used": 0, "duplicates": 0,
-                       "reissued": 0, "passes": 0}
+                       "reissued": 0, "taken_back": 0, "passes": 0}
         self.portions_per_replica = dict.fromkeys(self.live, 0)
 
     async def run(self, kind: str, vector: str, target: str | None = None) -> float:
@@ -299,15 +299,31 @@ class Passes:
 
     async def _drain(self, queue: WorkQueue, kind: str, vector: str, push_every: int,
                      losses: dict[int, float]) -> None:
+        """Until every portion is settled. A replica still busy on a portion whose
+        backup already counted is not waited for: its ask is dropped, and what it
+        holds is found on the shards or done again by the others (`_unstick`)."""
         changed = asyncio.Condition()
+        busy: set[int] = set()
         feeders = [asyncio.ensure_future(self._feed(r, queue, kind, vector, push_every,
-                                                    losses, changed))
+                                                    losses, changed, busy))
                    for r in list(self.live)]
+        running = set(feeders)
         try:
-            await asyncio.gather(*feeders)
+            while not queue.done and running:
+                for task in [t for t in running if t.done()]:
+                    running.discard(task)
+                    if task.exception() is not None:  # a feeder that failed fails the pass
+                        raise task.exception()  # type: ignore[misc]
+                if self._stuck(queue, busy):
+                    await self._unstick(queue, busy, kind, changed)
+                    continue
+                async with changed:
+                    await changed.wait_for(lambda: queue.done or self._stuck(queue, busy)
+                                           or any(task.done() for task in running))
         finally:
             for task in feeders:
                 task.cancel()
+            await asyncio.gather(*feeders, return_exceptions=True)
         stats = queue.stats
         for key in ("backups_issued", "backups_used", "duplicates", "reissued"):
             self.totals[key] += getattr(stats, key)
@@ -318,6 +334,29 @@ class Passes:
             raise TrainingFailed(f"every replica was lost (pass {self.pass_id}); "
                                  f"lost: {self.lost}")
 
+    @staticmethod
+    def _stuck(queue: WorkQueue, busy: set[int]) -> bool:
+        """Every portion has a result, and the only ones not yet durable are held by
+        replicas busy with something else (a straggler's superseded copy)."""
+        held = {queue.holder[u] for u in queue.holder}
+        return queue.drained and bool(held) and held <= busy
+
+    async def _unstick(self, queue: WorkQueue, busy: set[int], kind: str,
+                       changed: asyncio.Condition) -> None:
+        """Settle what the shards already counted; give back what a busy replica still
+        holds, for the idle ones to do again (a late push of it is a duplicate the
+        shards drop)."""
+        if kind == "grad":
+            missing = set(await self.shards.missing(self.pass_id))
+            for unit, holder in list(queue.holder.items()):
+                if unit not in missing:
+                    queue.settle(holder, [unit])
+        for holder in {queue.holder[u] for u in queue.holder} & busy:
+            back = queue.lose(holder)
+            self.totals["taken_back"] += len(back)
+        async with changed:
+            changed.notify_all()
+
     async def _ask(self, r: int, message: dict[str, Any]) -> Any:
         reply = await self.live[r].ask(message)
         self.meter(reply)
@@ -325,7 +364,16 @@ class Passes:
 
     async def _feed(self, r: int, queue: WorkQueue, kind: str, vector: str,
                     push_every: int, losses: dict[int, float],
-                    changed: asyncio.Condition) -> None:
+                    changed: asyncio.Condition, busy: set[int]) -> None:
+        try:
+            await self._feed_loop(r, queue, kind, vector, push_every, losses, changed, busy)
+        finally:  # ended, failed or lost: the drain looks again
+            async with changed:
+                changed.notify_all()
+
+    async def _feed_loop(self, r: int, queue: WorkQueue, kind: str, vector: str,
+                         push_every: int, losses: dict[int, float],
+                         changed: asyncio.Condition, busy: set[int]) -> None:
         verdict: list[list[Any]] = []
         try:
             while not queue.done:
@@ -342,8 +390,11 @@ class Passes:
                         continue
                     await self._wait(queue, changed)
                     continue
-                reply = await self._ask(r, self._portion(lease, kind, vector, push_every,
-                                                         verdict))
+                # near the end of a pass (less left than a round of accumulating for
+                # everyone) results are pushed at once: nobody sits on counted portions
+                every = 1 if len(queue.pending) < len(self.live) * push_every else push_every
+                reply = await self._busy(r, busy, changed, self._portion(
+                    lease, kind, vector, every, verdict))
                 verdict = []
                 queue.settle(r, reply["pushed"])
                 if queue.finish(lease):
@@ -360,6 +411,18 @@ class Passes:
             self._lose(r, queue, exc)
             async with changed:
                 changed.notify_all()
+
+    async def _busy(self, r: int, busy: set[int], changed: asyncio.Condition,
+                    message: dict[str, Any]) -> Any:
+        """Ask replica `r` for a portion, marked busy meanwhile (the drain may stop
+        waiting for it)."""
+        busy.add(r)
+        async with changed:
+            changed.notify_all()
+        try:
+            return await self._ask(r, message)
+        finally:
+            busy.discard(r)
 
     def _portion(self, lease: Lease, kind: str, vector: str, push_every: int,
                  verdict: list[list[Any]]) -> dict[str, Any]:

@@ -100,6 +100,39 @@ async def test_forced_backups_count_each_portion_once(digits):
         assert counts["portions"] >= 1  # it did compute; its copy lost the race
 
 
+class StallingReplica(SandblasterReplica):
+    """Computes its first portion, then never finishes another: a straggler that holds
+    a counted portion it has not pushed while it is busy for ever."""
+
+    async def portion(self, message):
+        if self.counts["portions"] >= 1:
+            await asyncio.Event().wait()
+        return await super().portion(message)
+
+
+async def test_a_pass_does_not_wait_for_a_busy_straggler(digits):
+    setup = Setup(SoftmaxRegression(64, 10, dtype="float64"), digits)
+    async with asyncdb.Node("driver") as node:
+        await setup.spawn(node, [node.id] * 3, [node.id] * 2)
+        shards = setup.client.shards
+        setup.replicas.append(await node.spawn(StallingReplica, config={
+            "index": 2, "model": setup.model.to_config(), "shards": shards,
+            "bounds": [list(b) for b in setup.bounds],
+            "data": inline_arrays({"x": digits.x_train, "y": digits.y_train})}))
+        passes = Passes(setup.client, setup.replicas, len(digits.x_train),
+                        settings(push_every=8), lambda reply: None)
+        loss_ref, grad_ref = setup.full_gradient()
+        # the stalled replica's counted portion is taken back and done again
+        loss_sum = await asyncio.wait_for(passes.run("grad", "x", "g"), 60)
+        assert loss_sum == pytest.approx(loss_ref, rel=1e-10)
+        assert_close(await setup.accumulated(), grad_ref)
+        assert passes.totals["taken_back"] >= 1
+        assert passes.portions_per_replica[2] >= 1
+        # a loss pass ends too, though the replica never answers again
+        loss = await asyncio.wait_for(passes.run("loss", "x"), 60)
+        assert loss == pytest.approx(loss_ref, rel=1e-10)
+
+
 class KillingPasses(Passes):
     """Kills a replica's node when it is given its third portion of the pass, so it
     dies holding counted results it has not pushed yet."""

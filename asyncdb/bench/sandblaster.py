@@ -38,7 +38,7 @@ class Settings:
     portions: int = 12
     straggler_sizes: tuple[int, ...] = (784, 256, 10)
     slowdown: float = 4.0
-    iterations: int = 6
+    iterations: int = 12
     compare_examples: int = 60_000
     compare_sizes: tuple[int, ...] = (784, 128, 10)
     target_accuracy: float = 0.9

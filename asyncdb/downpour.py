@@ -254,17 +254,16 @@ class Replica(Actor):
             position += batch
             loss = await self._compute(x[rows], y[rows])
             self.counts["steps"] += 1
-            if math.isfinite(loss) and np.isfinite(self.grad).all():
+            # a bad row (NaN in the data) spoils one batch, not the run: its loss shows it;
+            # the rarer finite loss with a non-finite gradient is caught before the push
+            if math.isfinite(loss):
                 np.add(self.accum[0], self.grad, out=self.accum[0])
                 self._pending_steps += 1
                 self._loss_sum += loss
                 self._loss_steps += 1
                 self.counts["examples"] += batch
-            else:  # a bad row (NaN in the data) spoils one batch, not the run
-                self.counts["bad_batches"] += 1
-                if self.counts["bad_batches"] == 1:
-                    log.warning("replica %d: a batch gave a NaN or Inf loss or gradient; "
-                                "skipping such batches", self.index)
+            else:
+                self._bad_batches(1)
             if self.counts["steps"] % n_push == 0:
                 await self._maybe_push()
             if self.counts["steps"] % n_fetch == 0:
@@ -274,6 +273,12 @@ class Replica(Actor):
         seconds = time.perf_counter() - began
         return {**self.counts, "seconds": seconds, "replica": self.index,
                 "generation": self.generation, "steps_done": done, "batch_size": batch}
+
+    def _bad_batches(self, count: int) -> None:
+        if not self.counts["bad_batches"]:
+            log.warning("replica %d: a batch gave a NaN or Inf loss or gradient; "
+                        "skipping such batches", self.index)
+        self.counts["bad_batches"] += count
 
     async def _abandon(self) -> None:
         """A unit failed (a shard went away): it will be done again, so drop what it
@@ -331,12 +336,23 @@ class Replica(Actor):
         self._start_push()
 
     def _start_push(self) -> None:
+        if not np.isfinite(self.accum[0]).all():  # one check per push, not per batch
+            self._drop_pending()
+            return
         self.accum.reverse()  # accumulate into the other buffer while this one flies
         buffer = self.accum[1]
         progress = {**self.counts, "replica": self.index,
                     "loss": self._loss_sum / max(1, self._loss_steps)}
         self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
         self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))
+
+    def _drop_pending(self) -> None:
+        """The batches accumulated since the last push gave a non-finite gradient
+        between them: drop them all, as bad batches."""
+        self.accum[0][...] = 0.0
+        self.counts["examples"] -= self._pending_steps * self.algorithm.batch_size
+        self._bad_batches(self._pending_steps)
+        self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
 
     async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
         try:
@@ -352,7 +368,7 @@ class Replica(Actor):
         if self._pending_steps and not self.client.stopping:
             await self.push_limit.take(self.params.nbytes)
             self._start_push()
-            assert self._pushing is not None
-            await self._pushing
+            if self._pushing is not None:
+                await self._pushing
         if self._fetching is not None:
             await self._fetching

@@ -239,6 +239,33 @@ async def test_a_nan_in_the_data_spoils_batches_not_the_run(digits):
     assert all(s["rejected"] == 0 for s in run.shards)
 
 
+class InfGradientMLP(MLP):
+    """An MLP whose gradient turns Inf on batches holding a row marked in feature 0,
+    while its loss stays finite (what a per-batch loss check alone would miss)."""
+
+    def loss_and_grad(self, params, x, y, grads=None):
+        loss, grads = super().loss_and_grad(params, x, y, grads)
+        if (np.asarray(x)[:, 0] > 100).any():
+            grads["b0"][0] = np.inf
+        return loss, grads
+
+
+async def test_a_non_finite_gradient_with_a_finite_loss_is_dropped_before_the_push(digits):
+    x = digits.x_train.copy()
+    x[7, 0] = 1000.0
+    marked = dataclasses.replace(digits, x_train=x)
+    model = InfGradientMLP([digits.n_features, 32, digits.n_classes])
+    async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:
+        run = await cluster.train(model, marked, optimizer=asyncdb.Adagrad(lr=0.05),
+                                  algorithm=asyncdb.Downpour(batch_size=32, n_push=4),
+                                  epochs=4)
+    counts = run.replicas[0]
+    assert counts["bad_batches"] >= 1  # the batches pending with the marked one
+    assert counts["examples"] == 32 * (counts["steps"] - counts["bad_batches"])
+    assert all(s["rejected"] == 0 for s in run.shards)  # no Inf reached a shard
+    assert np.isfinite(run.final["loss"]) and run.final["test_accuracy"] > 0.8
+
+
 @pytest.mark.parametrize("lr", [1e3, 1e30])  # the loss explodes; the update overflows
 async def test_a_diverging_run_stops_with_its_history(digits, lr):
     async with asyncdb.Cluster.inproc(shards=1, replicas=1) as cluster:

@@ -9,6 +9,7 @@ history so far."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -146,10 +147,12 @@ class Coordinator(Actor):
         if self.scheduler is not None:
             self.scheduler.stop()
 
-    def unit_message(self, unit: Unit, replica: int) -> dict[str, Any]:
-        """What replica `replica` is asked to do for `unit`."""
-        message = {"op": "train", "start": unit.start, "stop": unit.stop, "steps": unit.steps,
-                   "shards": list(self.shards.shards)}
+    def unit_message(self, unit: Unit, replica: int, steps: int | None = None,
+                     attempt: int = -1) -> dict[str, Any]:
+        """What replica `replica` is asked to do for `unit` (its last `steps` of it)."""
+        message = {"op": "train", "start": unit.start, "stop": unit.stop,
+                   "steps": unit.steps if steps is None else steps,
+                   "unit": unit.id, "attempt": attempt, "shards": list(self.shards.shards)}
         if self.rows is not None and self.homes is not None and unit.home != replica:
             lo, hi = self.homes[unit.home]  # this replica does not hold those rows
             message["rows"] = inline_arrays({"x": self.rows[0][lo:hi],
@@ -164,9 +167,10 @@ class Coordinator(Actor):
         self._started = time.perf_counter()
         self.history = []
         self._baseline = await self._initial_loss()
+        resumption = Resumption(self.shards, units)
         scheduler = UnitScheduler(replicas, self.events, recovery=self.recovery,
                                   shard_nodes=self._shard_nodes,
-                                  shards_gone=self._shards_gone)
+                                  shards_gone=self._shards_gone, redo=resumption.failed)
         self.scheduler = scheduler
         if self.stopping:
             scheduler.stop()
@@ -180,7 +184,8 @@ class Coordinator(Actor):
             done.add(units[unit].id)
 
         def send(unit: int, replica: int) -> dict[str, Any]:
-            return self.unit_message(units[unit], replica)
+            steps, attempt = resumption.attempt(unit)
+            return self.unit_message(units[unit], replica, steps, attempt)
 
         async def work() -> None:
             warm = [i for i, u in enumerate(units) if u.warm]
@@ -210,7 +215,8 @@ class Coordinator(Actor):
                 "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds, "shards": await self.shards.stats(),
                 "units": {"planned": planned, "done": len(done),
-                          "reassigned": scheduler.reassigned}}
+                          "reassigned": scheduler.reassigned,
+                          "steps_lost": resumption.lost, "steps_kept": resumption.kept}}
 
     async def _supervise(self, work: Coroutine[Any, Any, None],
                          scheduler: UnitScheduler) -> None:
@@ -285,6 +291,40 @@ class Coordinator(Actor):
         log.error("training diverged: %s", reason)
         return TrainingDiverged(f"training diverged after {len(self.history)} evaluations: "
                                 f"{reason}", self.history)
+
+
+class Resumption:
+    """Where a unit that failed is taken up again: after the last push of its failed
+    attempt that every shard applied (each push carries a mark, [unit, attempt, steps
+    of the attempt], that the shards keep per replica). Steps past that point which
+    reached some shards but not all are `lost` (their push is redone, at-least-once);
+    the steps before it are `kept` and not done again."""
+
+    MARK_TIMEOUT = 2.0  # a shard that does not answer counts as having no mark
+
+    def __init__(self, client: ShardClient, units: list[Unit]) -> None:
+        self.client = client
+        self.units = units
+        self.offsets: dict[int, int] = {}  # unit -> steps applied by every shard
+        self.current: dict[int, int] = {}  # unit -> its attempt in flight
+        self._serial = itertools.count()
+        self.lost = 0
+        self.kept = 0
+
+    def attempt(self, unit: int) -> tuple[int, int]:
+        """A new attempt at `unit`: the steps it still needs and the attempt's id."""
+        self.current[unit] = attempt = next(self._serial)
+        return self.units[unit].steps - self.offsets.get(unit, 0), attempt
+
+    async def failed(self, unit: int, replica: int) -> None:
+        """`replica`'s attempt at `unit` failed: from how far the unit goes on."""
+        marks = await self.client.marks(replica, self.MARK_TIMEOUT)
+        key = [self.units[unit].id, self.current.get(unit, -2)]
+        steps = [m[2] if m is not None and m[:2] == key else 0 for m in marks]
+        acked, seen = min(steps, default=0), max(steps, default=0)
+        self.offsets[unit] = self.offsets.get(unit, 0) + acked
+        self.kept += acked
+        self.lost += seen - acked
 
 
 def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:

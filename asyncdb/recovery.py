@@ -100,22 +100,31 @@ class Checkpointer:
         results = await asyncio.gather(
             *(self.client.checkpoint_shard(i) for i in range(len(self.client))),
             return_exceptions=True)
-        complete = True
+        copied = time.perf_counter()
+        taken: dict[int, ShardCheckpoint] = {}
         for i, result in enumerate(results):
             if isinstance(result, BaseException):
                 log.info("shard %d not checkpointed this time: %r", i, result)
-                complete = False
                 continue
-            self.latest[i] = result
-            if self.store is not None:
-                arrays = {"values": result.values,
-                          **{f"state.{k}": v for k, v in result.state.items()}}
-                await asyncio.to_thread(self.store.save, f"shard-{i}", arrays,
-                                        {"version": result.version})
-        if complete and state is not None and self.store is not None:
-            await asyncio.to_thread(self.store.save, "run", {}, state)
+            self.latest[i] = taken[i] = result
+        if self.store is not None:  # encoding, checksum and fsync in a thread
+            await asyncio.to_thread(self._write, taken,
+                                    state if len(taken) == len(results) else None)
+        ended = time.perf_counter()
         self.taken += 1
-        self.seconds += time.perf_counter() - began
+        self.seconds += ended - began
+        self.events.record("checkpoint", shards=sorted(taken),
+                           copy_seconds=round(copied - began, 4),
+                           write_seconds=round(ended - copied, 4))
+
+    def _write(self, taken: dict[int, ShardCheckpoint], state: dict[str, Any] | None) -> None:
+        assert self.store is not None
+        for i, saved in taken.items():
+            arrays = {"values": saved.values,
+                      **{f"state.{k}": v for k, v in saved.state.items()}}
+            self.store.save(f"shard-{i}", arrays, {"version": saved.version})
+        if state is not None:
+            self.store.save("run", {}, state)
 
     def saved(self, index: int) -> ShardCheckpoint:
         """Shard `index`'s latest checkpoint, from memory or from the store."""

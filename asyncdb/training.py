@@ -189,6 +189,10 @@ class DownpourRun:
                 await self.recovery.close()
             await self._stop_all()
             rows.close()
+        units_ = result["units"]
+        batch = self.algorithm.batch_size
+        units_["examples_lost"] = units_.pop("steps_lost", 0) * batch
+        units_["examples_kept"] = units_.pop("steps_kept", 0) * batch
         result["events"] = self.events.entries
         result["checkpoints"] = (None if self.checkpointer is None else
                                  {"taken": self.checkpointer.taken,

@@ -180,7 +180,8 @@ class Coordinator(Actor):
         planned = len(done) + len(units)
 
         def accept(unit: int, replica: int, result: dict[str, Any]) -> None:
-            summaries[replica] = _merge(summaries.get(replica), result)
+            summaries[replica] = _merge(summaries.get(replica), result,
+                                        resumption.offsets.get(unit, 0))
             done.add(units[unit].id)
 
         def send(unit: int, replica: int) -> dict[str, Any]:
@@ -343,10 +344,12 @@ def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
     }
 
 
-def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+def _merge(before: dict[str, Any] | None, after: dict[str, Any],
+           kept: int = 0) -> dict[str, Any]:
     """A replica's counters are cumulative (per incarnation); its seconds and the
-    examples of the units it finished add up across units."""
-    examples = after["steps_done"] * after["batch_size"]
+    examples of the units it finished add up across units (with the `kept` steps of
+    the unit's failed attempts, whose pushes every shard applied)."""
+    examples = (after["steps_done"] + kept) * after["batch_size"]
     if before is None:
         return {**after, "examples_done": examples}
     return {**after, "seconds": before["seconds"] + after["seconds"],

@@ -71,6 +71,11 @@ class Site:
     respawn: Respawn
     generation: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # every node it occupies (a partitioned replica's partitions), `node` first
+    nodes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.nodes = self.nodes or [self.node]
 
 
 class Checkpointer:
@@ -172,8 +177,11 @@ class Recovery:
         self.closed = False  # the run is over: failures are not its business any more
         placement.on_failure(self.failed)
 
-    def track(self, role: str, index: int, node: str, ref: ActorRef, respawn: Respawn) -> None:
-        self.sites[(role, index)] = Site(role, index, node, ref, respawn)
+    def track(self, role: str, index: int, node: str, ref: ActorRef, respawn: Respawn,
+              nodes: list[str] | None = None) -> None:
+        """Re-create actor (role, index) with `respawn` when `node` (or any of `nodes`,
+        for an actor spread over several, recreated whole) fails."""
+        self.sites[(role, index)] = Site(role, index, node, ref, respawn, nodes=nodes or [])
 
     def tracks(self, role: str, index: int) -> bool:
         """Whether recovery re-creates that actor when it fails."""
@@ -186,7 +194,7 @@ class Recovery:
         """A node failed (from the placement, or found by `suspect`): replace it."""
         if node in self._failed or self.failure is not None or self.closed:
             return
-        victims = [s for s in self.sites.values() if s.node == node]
+        victims = [s for s in self.sites.values() if node in s.nodes]
         if not victims:
             return
         self._failed[node] = time.perf_counter()
@@ -239,12 +247,13 @@ class Recovery:
         self.events.record("restart", node=node, replacement=fresh)
         for site in sorted(victims, key=lambda s: s.role != "shard"):  # shards first
             site.generation += 1
+            site.nodes = [fresh if n == node else n for n in site.nodes]
+            site.node = site.nodes[0]
             try:
                 site.ref = await site.respawn(fresh, site.generation)
             except (AsyncDBError, OSError) as exc:
                 raise RecoveryFailed(f"cannot re-create {site.role} {site.index} on "
                                      f"{fresh}: {exc}") from exc
-            site.node = fresh
             site.changed.set()
             site.changed = asyncio.Event()
             self.events.record("recovered", role=site.role, index=site.index, node=fresh,

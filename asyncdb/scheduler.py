@@ -140,7 +140,7 @@ class UnitScheduler:
             self.events.record("lost", role="replica", index=replica, reason=str(error))
             return False
         site = recovery.current("replica", replica)
-        recovery.suspect([site.node, *self.shard_nodes()])
+        recovery.suspect([*site.nodes, *self.shard_nodes()])
         await recovery.settled()
         if not recovery.tracks("replica", replica):  # given up on: lost for this run
             return await self._survives(replica, error, MAX_FAILURES)

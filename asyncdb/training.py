@@ -82,6 +82,7 @@ class DownpourRun:
         self.coordinator: Coordinator | None = None
         self.stopping = False
         self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
+        self.partitions_of: dict[int, list[ActorRef]] = {}  # replica -> its actors now
 
     def stop(self) -> None:
         """End the run early once it starts (see `Cluster.stop_training`)."""
@@ -156,7 +157,7 @@ class DownpourRun:
                     else DEFAULT_CHECKPOINT_EVERY, self.events)
             replicas = [await self._spawn_replica(i, replica_nodes[i], rows.specs[i], 0)
                         for i in range(self.n_replicas)]
-            self._track(shard_nodes, [n[0] for n in replica_nodes], replicas, rows.specs)
+            self._track(shard_nodes, replica_nodes, replicas, rows.specs)
             remote = not rows.everywhere
             coordinator = await self.node.spawn(Coordinator, config={
                 "model": self.model.to_config(), "client": self.client,
@@ -229,8 +230,10 @@ class DownpourRun:
             ref, refs = await spawn_partitioned_replica(
                 self.node, index, self.model, nodes, self.client.shards, self.bounds,
                 self.layout.block_bounds, {"data": spec, "seed": self.options.seed,
-                                           "algorithm": self.algorithm.to_config()})
+                                           "algorithm": self.algorithm.to_config()},
+                generation)
             self.spawned += refs
+            self.partitions_of[index] = refs
             return ref
         ref = await self.node.spawn(Replica, node=nodes[0], config={
             "index": index, "model": self.model.to_config(), "shards": self.client.shards,
@@ -243,7 +246,7 @@ class DownpourRun:
     def _done_before(self) -> list[int]:
         return [] if self.options.resume is None else list(self._resumed_state()["done"])
 
-    def _track(self, shard_nodes: list[str], replica_nodes: list[str],
+    def _track(self, shard_nodes: list[str], replica_nodes: list[list[str]],
                replicas: list[ActorRef], specs: list[dict[str, Any]]) -> None:
         """Tell recovery how to re-create each shard and replica."""
         recovery, client = self.recovery, self.client
@@ -270,18 +273,23 @@ class DownpourRun:
         def replica(index: int) -> Any:
             async def respawn(node: str, generation: int) -> ActorRef:
                 await client.fence({index: generation})  # the old incarnation is refused
-                return await self._spawn_replica(index, [node], specs[index], generation)
+                assert recovery is not None
+                nodes = recovery.current("replica", index).nodes  # the failed one replaced
+                await self._stop_actors(self.partitions_of.pop(index, []))
+                return await self._spawn_replica(index, nodes, specs[index], generation)
             return respawn
 
         for i, ref in enumerate(client.shards):
             recovery.track("shard", i, shard_nodes[i], ref, shard(i))
-        if self.partitions > 1:
-            return  # a partitioned replica whose partition fails is lost, not re-created
-        for i, ref in enumerate(replicas):
-            recovery.track("replica", i, replica_nodes[i], ref, replica(i))
+        for i, ref in enumerate(replicas):  # a partitioned one is re-created whole
+            recovery.track("replica", i, replica_nodes[i][0], ref, replica(i),
+                           replica_nodes[i])
 
     async def _stop_all(self) -> None:
-        for ref in reversed(self.spawned):
+        await self._stop_actors(list(reversed(self.spawned)))
+
+    async def _stop_actors(self, refs: list[ActorRef]) -> None:
+        for ref in refs:
             try:
                 await self.node.ref(ref.node_id, "_system").ask(
                     {"op": "stop", "name": ref.name}, timeout=10)

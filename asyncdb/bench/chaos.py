@@ -189,7 +189,7 @@ async def run(settings: Settings | None = None) -> dict[str, Any]:
         "units_planned": chaos.units.get("planned"),
         "units_reassigned": chaos.units.get("reassigned"),
         "examples_lost": chaos.units.get("examples_lost", 0),
-        "examples_redone": chaos.units.get("examples_redone", 0),
+        "examples_kept": chaos.units.get("examples_kept", 0),
         "updates_lost": sum(int(e.get("updates_lost", 0)) for e in restored),
         "hangs": _hangs(chaos, settings.liveness),
         "seconds": {"clean": round(clean.seconds, 2), "chaos": round(chaos.seconds, 2)},

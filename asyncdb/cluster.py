@@ -133,7 +133,12 @@ class Cluster:
         places: list[tuple[str, int | str, str]] = [("coordinator", 0, node.id)]
         places += [("shard", i, n) for i, n in enumerate(shard_nodes)]
         if self.partitions == 1:
-            places += [("replica", i, n) for i, n in enumerate(slot_nodes)]
+            removed = [] if self._run is None else self._run.removed
+            places += [("replica", i, n) for i, n in enumerate(slot_nodes) if i not in removed]
+            if self._run is not None:  # added during the run, still in it
+                places += [("replica", i, recovery.current("replica", i).node
+                            if recovery is not None and recovery.tracks("replica", i) else n)
+                           for i, n in self._run.added.items() if i not in self._run.removed]
         else:
             places += [("partition", f"{i // self.partitions}.{i % self.partitions}", n)
                        for i, n in enumerate(slot_nodes)]
@@ -217,6 +222,7 @@ class Cluster:
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
             events=result["events"], units=result["units"],
+            checkpoints=result.get("checkpoints"),
             config={"mode": placement.name, "shards": self.shards, "replicas": self.replicas,
                     "partitions": self.partitions,
                     "model": model.to_config(), "algorithm": algorithm.to_config(),
@@ -277,6 +283,25 @@ class Cluster:
                     "seed": seed, "data": data.name, "features": data.n_features,
                     "classes": data.n_classes},
             preprocessing=data.preprocessing)
+
+    async def add_replicas(self, n: int = 1) -> list[int]:
+        """Add `n` replicas to the Downpour run in progress (call it while `train`
+        runs, from another task): each gets a node process of its own under
+        `Cluster.local` (the driver's node in-process) and takes units from the run's
+        queue at once. Returns their indices; `run.events` records them as "joined".
+        `ConfigError` without a run in progress, with partitions, or on a placement
+        that cannot add nodes (`Cluster.connect` for now)."""
+        if self._run is None:
+            raise ConfigError("add_replicas needs a Downpour run in progress")
+        return await self._run.add_replicas(n)
+
+    async def remove_replicas(self, n: int = 1) -> list[int]:
+        """Take the `n` newest live replicas out of the run in progress: each finishes
+        the unit it is doing, then stops, so nothing is lost or counted twice; at least
+        one replica stays. Returns their indices ("left" in `run.events`)."""
+        if self._run is None:
+            raise ConfigError("remove_replicas needs a Downpour run in progress")
+        return await self._run.remove_replicas(n)
 
     @property
     def recovery(self) -> Recovery | None:

@@ -95,6 +95,10 @@ class Placement:
         """Whether node `node_id` is still there, as far as can be told at once."""
         return self.node is not None and node_id == self.node.id
 
+    async def add_node(self) -> str:
+        """A node for one more replica during a run (`Cluster.add_replicas`)."""
+        raise ConfigError(f"{self.name} placement cannot add replicas during a run")
+
 
 class InProcess(Placement):
     """Every actor in the caller's event loop (embedding, tests)."""
@@ -107,6 +111,10 @@ class InProcess(Placement):
 
     def shard_threads(self, shards: int, replicas: int) -> int | None:
         return default_threads()
+
+    async def add_node(self) -> str:
+        assert self.node is not None
+        return self.node.id
 
 
 class LocalProcesses(Placement):
@@ -163,6 +171,11 @@ class LocalProcesses(Placement):
     async def replace(self, node_id: str) -> str:
         assert self.nodes is not None
         return await self.nodes.restart(node_id)
+
+    async def add_node(self) -> str:
+        """A new node process, linked to every live one."""
+        assert self.nodes is not None
+        return await self.nodes.add()
 
     def alive(self, node_id: str) -> bool:
         if self.nodes is None or node_id not in self.nodes.processes:

@@ -102,8 +102,9 @@ class LocalNodes:
         self.threads_per_node = threads_per_node
         self.startup_timeout = startup_timeout
         self.imports = imports
-        prefix = prefix or f"node{next(self._serial)}"
-        self.ids = [f"{prefix}.{i}" for i in range(n)]
+        self.prefix = prefix or f"node{next(self._serial)}"
+        self.ids = [f"{self.prefix}.{i}" for i in range(n)]
+        self._added = n
         self.processes: dict[str, NodeProcess] = {}
 
     async def __aenter__(self) -> LocalNodes:
@@ -159,6 +160,26 @@ class LocalNodes:
         base, _, generation = node_id.partition("~")
         new_id = f"{base}~{int(generation or 0) + 1}"
         others = [i for i in self.alive() if i != node_id]
+        self.ids[self.ids.index(node_id)] = new_id
+        await self._launch(new_id, others)
+        log.info("node %s restarted as %s (pid %d)", node_id, new_id,
+                 self.processes[new_id].pid)
+        return new_id
+
+    async def add(self) -> str:
+        """Start one more child, linked to the driver and to every live child; return
+        its id (added to `ids`)."""
+        new_id = f"{self.prefix}.{self._added}"
+        self._added += 1
+        others = self.alive()
+        self.ids.append(new_id)
+        await self._launch(new_id, others)
+        log.info("node %s added (pid %d)", new_id, self.processes[new_id].pid)
+        return new_id
+
+    async def _launch(self, new_id: str, others: list[str]) -> None:
+        """Spawn child `new_id` with fresh links to the driver and to `others` (handed
+        to them over their control sockets) and wait for its hello."""
         links: list[tuple[str, ShmEndpoint]] = []
         driver_end = None
         try:
@@ -174,12 +195,8 @@ class LocalNodes:
             for _peer, end in links:
                 end.close_fds()
         assert driver_end is not None
-        self.ids[self.ids.index(node_id)] = new_id
         self.node.connect(new_id, ShmChannel(driver_end), trusted=True)
         await asyncio.wait_for(self._await_hellos([new_id]), self.startup_timeout)
-        log.info("node %s restarted as %s (pid %d)", node_id, new_id,
-                 self.processes[new_id].pid)
-        return new_id
 
     def _send_link(self, child: str, peer: str, end: ShmEndpoint) -> None:
         """Hand `child` its end of a new link to `peer`; the child has its own copies

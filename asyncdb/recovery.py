@@ -183,6 +183,10 @@ class Recovery:
         for an actor spread over several, recreated whole) fails."""
         self.sites[(role, index)] = Site(role, index, node, ref, respawn, nodes=nodes or [])
 
+    def forget(self, role: str, index: int) -> None:
+        """Re-create that actor no more (it leaves the run)."""
+        self.sites.pop((role, index), None)
+
     def tracks(self, role: str, index: int) -> bool:
         """Whether recovery re-creates that actor when it fails."""
         return (role, index) in self.sites and (role, index) not in self.abandoned

@@ -38,7 +38,8 @@ class Run:
     the last entry, `final`, adds test_accuracy, measured once on every test row.
     `stopped` says the run was stopped early (`Cluster.stop_training`); `events` lists
     every failure, restart, recovery and reassignment with its time; `units` counts the
-    run's units of work (planned, done, reassigned)."""
+    run's units of work (planned, done, reassigned); `checkpoints` says how many shard
+    checkpoints were taken and the seconds they took (None without checkpointing)."""
 
     history: list[dict[str, Any]]
     params: dict[str, np.ndarray]
@@ -51,6 +52,7 @@ class Run:
     stopped: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
     units: dict[str, int] = field(default_factory=dict)
+    checkpoints: dict[str, Any] | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -59,7 +61,7 @@ class Run:
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "history": self.history, "seconds": self.seconds,
                 "stopped": self.stopped, "lost_replicas": self.lost, "events": self.events,
-                "units": self.units,
+                "units": self.units, "checkpoints": self.checkpoints,
                 "replicas": {str(k): v for k, v in self.replicas.items()},
                 "shards": [{k: v for k, v in s.items() if k != "progress"}
                            for s in self.shards]}

@@ -19,7 +19,7 @@ from typing import Any
 from .actor import ActorRef
 from .errors import ActorDead, AllReplicasLost, ChannelClosed, Timeout
 from .recovery import Events, Recovery
-from .workqueue import WorkQueue
+from .workqueue import FINISHED, SETTLED, WorkQueue
 
 log = logging.getLogger("asyncdb.scheduler")
 
@@ -46,9 +46,12 @@ class UnitScheduler:
         self.shards_gone = shards_gone
         self.redo = redo  # told of a failed attempt before its unit goes back
         self.lost: list[int] = []
+        self.retired: set[int] = set()  # removed on request: take no more units
         self.stopping = False
         self.reassigned = 0
         self._changed = asyncio.Event()
+        self._draining: tuple[WorkQueue, Message, Accept] | None = None
+        self._workers: dict[int, asyncio.Future[None]] = {}
 
     def stop(self) -> None:
         """Hand out no more units; the ones in flight finish."""
@@ -56,7 +59,35 @@ class UnitScheduler:
         self._changed.set()
 
     def alive(self) -> list[int]:
-        return [i for i in range(len(self.refs)) if i not in self.lost]
+        return [i for i in range(len(self.refs))
+                if i not in self.lost and i not in self.retired]
+
+    def add(self, ref: ActorRef) -> int:
+        """One more replica: its index. During a drain it takes units at once."""
+        self.refs.append(ref)
+        index = len(self.refs) - 1
+        if self._draining is not None and not self.stopping:
+            queue, message, accept = self._draining
+            self._workers[index] = asyncio.ensure_future(
+                self._worker(index, queue, message, accept))
+            self._changed.set()
+        return index
+
+    def units_left(self) -> int:
+        """Units of the queue being drained that are not finished yet."""
+        if self._draining is None:
+            return 0
+        queue = self._draining[0]
+        return sum(1 for state in queue.state.values() if state not in (FINISHED, SETTLED))
+
+    async def retire(self, replica: int) -> None:
+        """Replica `replica` takes no more units; returns once the one it is doing (if
+        any) is done."""
+        self.retired.add(replica)
+        self._changed.set()
+        worker = self._workers.get(replica)
+        if worker is not None:
+            await asyncio.wait([worker])
 
     def ref(self, replica: int) -> ActorRef:
         if self.recovery is not None and self.recovery.tracks("replica", replica):
@@ -66,11 +97,21 @@ class UnitScheduler:
     async def drain(self, queue: WorkQueue, replicas: list[int], message: Message,
                     accept: Accept) -> None:
         """Run every unit of `queue` on `replicas` until all are done (or `stop`)."""
-        workers = [asyncio.ensure_future(self._worker(i, queue, message, accept))
-                   for i in replicas if i not in self.lost]
+        self._draining = (queue, message, accept)
+        self._workers = {i: asyncio.ensure_future(self._worker(i, queue, message, accept))
+                         for i in replicas if i not in self.lost and i not in self.retired}
         try:
-            await asyncio.gather(*workers)
+            while True:  # replicas added meanwhile bring workers of their own
+                running = [w for w in self._workers.values() if not w.done()]
+                if not running:
+                    break
+                await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+                for worker in self._workers.values():
+                    if worker.done() and worker.exception() is not None:
+                        raise worker.exception()  # type: ignore[misc]
         finally:
+            self._draining = None
+            workers = list(self._workers.values())
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -92,7 +133,7 @@ class UnitScheduler:
     async def _worker(self, replica: int, queue: WorkQueue, message: Message,
                       accept: Accept) -> None:
         failures = 0
-        while not self.stopping:
+        while not self.stopping and replica not in self.retired:
             lease = queue.take(replica)
             if lease is None:
                 if queue.drained:

@@ -28,8 +28,9 @@ from .modelparallel import spawn_partitioned_replica
 from .node import Node
 from .optim import UpdateRule
 from .params import PartitionedLayout, layout_of
-from .placement import InProcess, Placement, split_rows
+from .placement import InProcess, Placement, TrainingData, split_rows
 from .recovery import Checkpointer, Events, Recovery, RestartPolicy, load_shard
+from .scheduler import UnitScheduler
 from .shard import ParameterShard
 from .shard_client import ShardCheckpoint, ShardClient
 
@@ -83,6 +84,9 @@ class DownpourRun:
         self.stopping = False
         self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
         self.partitions_of: dict[int, list[ActorRef]] = {}  # replica -> its actors now
+        self.rows: TrainingData | None = None
+        self.added: dict[int, str] = {}  # replicas added during the run -> their node
+        self.removed: list[int] = []
 
     def stop(self) -> None:
         """End the run early once it starts (see `Cluster.stop_training`)."""
@@ -142,6 +146,7 @@ class DownpourRun:
         shard_nodes, slot_nodes = self.placement.place(self.n_shards, self.n_replicas * parts)
         replica_nodes = [slot_nodes[i * parts:(i + 1) * parts] for i in range(self.n_replicas)]
         rows = self.placement.training_data(self.data.x_train, self.data.y_train, slices)
+        self.rows = rows
         units = self.units(rows.slices, steps)
         try:
             shards = [await self._spawn_shard(i, shard_nodes[i], self._initial(i))
@@ -270,28 +275,86 @@ class DownpourRun:
                 return ref
             return respawn
 
-        def replica(index: int) -> Any:
-            async def respawn(node: str, generation: int) -> ActorRef:
-                await client.fence({index: generation})  # the old incarnation is refused
-                assert recovery is not None
-                nodes = recovery.current("replica", index).nodes  # the failed one replaced
-                await self._stop_actors(self.partitions_of.pop(index, []))
-                return await self._spawn_replica(index, nodes, specs[index], generation)
-            return respawn
-
         for i, ref in enumerate(client.shards):
             recovery.track("shard", i, shard_nodes[i], ref, shard(i))
         for i, ref in enumerate(replicas):  # a partitioned one is re-created whole
-            recovery.track("replica", i, replica_nodes[i][0], ref, replica(i),
+            recovery.track("replica", i, replica_nodes[i][0], ref, self._respawn(i, specs[i]),
                            replica_nodes[i])
 
-    async def _stop_all(self) -> None:
-        await self._stop_actors(list(reversed(self.spawned)))
+    def _respawn(self, index: int, spec: dict[str, Any]) -> Any:
+        """How recovery re-creates replica `index`: fenced first, then spawned anew."""
+        async def respawn(node: str, generation: int) -> ActorRef:
+            assert self.client is not None and self.recovery is not None
+            await self.client.fence({index: generation})  # the old incarnation is refused
+            nodes = self.recovery.current("replica", index).nodes  # the failed one replaced
+            for ref in self.partitions_of.pop(index, []):  # a partitioned one's survivors
+                await self._stop_actor(ref)
+            return await self._spawn_replica(index, nodes, spec, generation)
+        return respawn
 
-    async def _stop_actors(self, refs: list[ActorRef]) -> None:
-        for ref in refs:
-            try:
-                await self.node.ref(ref.node_id, "_system").ask(
-                    {"op": "stop", "name": ref.name}, timeout=10)
-            except Exception:  # a node that died with its actors has nothing to stop
-                continue
+    # -- elastic replicas --------------------------------------------------------
+
+    def _scheduler(self) -> UnitScheduler:
+        coordinator = self.coordinator
+        if coordinator is None or coordinator.scheduler is None or self.rows is None \
+                or self.stopping:
+            raise ConfigError("replicas can be added or removed only while a run is "
+                              "under way (call it while cluster.train runs)")
+        return coordinator.scheduler
+
+    async def add_replicas(self, n: int) -> list[int]:
+        """`n` more replicas, each on a node of its own where the placement makes
+        nodes; they take units from the run's queue at once. Their indices."""
+        if n < 1:
+            raise ConfigError(f"add_replicas needs n >= 1, got {n}")
+        if self.partitions > 1:
+            raise ConfigError("replicas of several partitions cannot be added during a run")
+        scheduler = self._scheduler()
+        assert self.rows is not None
+        if not self.rows.everywhere:
+            raise ConfigError(f"{self.placement.name} placement cannot add replicas "
+                              "during a run")
+        spec = self.rows.specs[0]  # every replica's spec holds every row
+        added = []
+        for _ in range(n):
+            node = await self.placement.add_node()
+            index = len(scheduler.refs)
+            ref = await self._spawn_replica(index, [node], spec, 0)
+            if self.recovery is not None:
+                self.recovery.track("replica", index, node, ref, self._respawn(index, spec))
+            assert scheduler.add(ref) == index
+            self.added[index] = node
+            self.events.record("joined", role="replica", index=index, node=node)
+            added.append(index)
+        return added
+
+    async def remove_replicas(self, n: int) -> list[int]:
+        """Take the `n` newest live replicas out of the run: each finishes the unit it
+        is doing (nothing is lost or counted twice), then stops. Their indices."""
+        scheduler = self._scheduler()
+        alive = scheduler.alive()
+        if not 1 <= n < len(alive):
+            raise ConfigError(f"cannot remove {n} of the {len(alive)} live replicas: "
+                              "at least one must stay")
+        leaving = alive[-n:]
+        for index in leaving:
+            ref = scheduler.ref(index)
+            if self.recovery is not None:
+                self.recovery.forget("replica", index)
+            await scheduler.retire(index)
+            await self._stop_actor(ref)
+            self.removed.append(index)
+            self.events.record("left", role="replica", index=index, node=ref.node_id,
+                               units_left=scheduler.units_left())
+        return leaving
+
+    async def _stop_all(self) -> None:
+        for ref in reversed(self.spawned):
+            await self._stop_actor(ref)
+
+    async def _stop_actor(self, ref: ActorRef) -> None:
+        try:
+            await self.node.ref(ref.node_id, "_system").ask(
+                {"op": "stop", "name": ref.name}, timeout=10)
+        except Exception:  # a node that died with its actors has nothing to stop
+            return

@@ -214,3 +214,54 @@ async def test_a_run_without_periodic_checkpoints_does_all_its_units(tmp_path):
                                   checkpoint_dir=tmp_path, checkpoint_every=math.inf)
     assert run.units["done"] == run.units["planned"] > 2
     assert list(tmp_path.glob("shard-0.*.ckpt"))  # the one taken at the start
+
+
+def _under_way(after: float) -> tuple[asyncio.Event, object]:
+    event = asyncio.Event()
+    return event, lambda entry: entry["time"] > after and event.set()
+
+
+@pytest.mark.parametrize("cluster_of", [asyncdb.Cluster.inproc, asyncdb.Cluster.local])
+async def test_replicas_added_during_a_run_take_units(teacher, cluster_of):
+    under_way, on_progress = _under_way(0.3)
+    async with cluster_of(shards=1, replicas=1) as cluster:
+        with pytest.raises(asyncdb.ConfigError, match="in progress"):
+            await cluster.add_replicas(1)
+        training = asyncio.create_task(cluster.train(
+            _model(), teacher, algorithm=asyncdb.Downpour(batch_size=32, unit_steps=20),
+            epochs=4, eval_every=0.1, on_progress=on_progress))
+        await asyncio.wait_for(under_way.wait(), 60)
+        assert await cluster.add_replicas(1) == [1]
+        where = {a["index"]: a for a in cluster.describe() if a["role"] == "replica"}
+        run = await asyncio.wait_for(training, 120)
+    assert sorted(where) == [0, 1] and where[1]["alive"]
+    if cluster_of is asyncdb.Cluster.local:
+        assert where[1]["pid"] not in (where[0]["pid"], os.getpid())
+    assert run.units["done"] == run.units["planned"]
+    assert [e["index"] for e in _events(run, "joined")] == [1]
+    assert int(run.replicas[1]["examples_done"]) > 0  # it took units from the queue
+    examples = sum(int(r["examples_done"]) for r in run.replicas.values())
+    assert examples == run.final["examples"]
+    assert run.final["test_accuracy"] > 0.6
+
+
+async def test_a_replica_removed_during_a_run_finishes_its_unit_and_leaves(teacher):
+    under_way, on_progress = _under_way(0.3)
+    async with asyncdb.Cluster.local(shards=1, replicas=3) as cluster:
+        training = asyncio.create_task(cluster.train(
+            _model(), teacher, algorithm=asyncdb.Downpour(batch_size=32, unit_steps=20),
+            epochs=4, eval_every=0.1, on_progress=on_progress))
+        await asyncio.wait_for(under_way.wait(), 60)
+        with pytest.raises(asyncdb.ConfigError, match="at least one"):
+            await cluster.remove_replicas(3)
+        assert await cluster.remove_replicas(1) == [2]
+        assert [a["index"] for a in cluster.describe() if a["role"] == "replica"] == [0, 1]
+        run = await asyncio.wait_for(training, 120)
+    assert run.units["done"] == run.units["planned"]
+    assert run.units["reassigned"] == 0  # its unit was finished, not given back
+    left = _events(run, "left")
+    assert [e["index"] for e in left] == [2]
+    assert left[0]["units_left"] > 0  # it left at once, while the others went on
+    examples = sum(int(r["examples_done"]) for r in run.replicas.values())
+    assert examples == run.final["examples"]
+    assert run.final["test_accuracy"] > 0.6

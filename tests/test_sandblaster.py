@@ -14,6 +14,7 @@ from asyncdb.models import MLP, Model, SoftmaxRegression
 from asyncdb.params import ParameterLayout
 from asyncdb.sandblaster import Passes, SandblasterReplica
 from asyncdb.shard_client import ShardClient
+from asyncdb.workqueue import WorkQueue
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +311,27 @@ async def test_a_replica_pushes_only_what_the_coordinator_counted(digits):
         assert_close(await setup.accumulated(),
                      setup.layout.flatten(grads, dtype=np.float64) * 64)
         assert (await replica.ask({"op": "counts"}))["dropped"] == 1
+
+
+@pytest.mark.parametrize("backups", [True, False])
+def test_a_straggler_gets_no_portion_it_would_finish_after_the_others(backups):
+    passes = Passes(None, ["r0", "r1", "r2"], 12 * 64, settings(backup_tasks=backups),
+                    lambda reply: None)
+    passes.seconds = {0: 1.0, 1: 1.2, 2: 4.0}  # replica 2 takes 4x as long
+
+    def queue(pending: int) -> WorkQueue:
+        q = WorkQueue(12, backups=backups)
+        for _ in range(12 - pending):
+            q.take("other")
+        return q
+
+    # much left: the others need longer than it does, so it helps
+    assert passes._in_time(2, queue(12))
+    # little left: the others are done before it would be; with backups on it waits
+    assert passes._in_time(2, queue(3)) is not backups
+    assert passes._in_time(2, queue(0)) is not backups
+    # the fast ones always qualify, backup copies included
+    assert all(passes._in_time(r, queue(p)) for r in (0, 1) for p in (0, 1, 3, 12))
+    # a replica not timed yet (or alone) is never held back
+    passes.seconds = {2: 4.0}
+    assert passes._in_time(2, queue(0))

@@ -125,10 +125,10 @@ class Cluster:
         if recovery is not None:  # where failed actors were re-created
             shard_nodes = [recovery.current("shard", i).node if recovery.tracks("shard", i)
                            else n for i, n in enumerate(shard_nodes)]
-            if self.partitions == 1:
-                slot_nodes = [recovery.current("replica", i).node
-                              if recovery.tracks("replica", i) else n
-                              for i, n in enumerate(slot_nodes)]
+            parts = self.partitions
+            slot_nodes = [recovery.current("replica", i // parts).nodes[i % parts]
+                          if recovery.tracks("replica", i // parts) else n
+                          for i, n in enumerate(slot_nodes)]
         live = {node.id, *node.peers()}
         places: list[tuple[str, int | str, str]] = [("coordinator", 0, node.id)]
         places += [("shard", i, n) for i, n in enumerate(shard_nodes)]

@@ -9,6 +9,7 @@ history so far."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -148,10 +149,12 @@ class Coordinator(Actor):
         if self.scheduler is not None:
             self.scheduler.stop()
 
-    def unit_message(self, unit: Unit, replica: int) -> dict[str, Any]:
-        """What replica `replica` is asked to do for `unit`."""
-        message = {"op": "train", "start": unit.start, "stop": unit.stop, "steps": unit.steps,
-                   "shards": list(self.shards.shards)}
+    def unit_message(self, unit: Unit, replica: int, steps: int | None = None,
+                     attempt: int = -1) -> dict[str, Any]:
+        """What replica `replica` is asked to do for `unit` (its last `steps` of it)."""
+        message = {"op": "train", "start": unit.start, "stop": unit.stop,
+                   "steps": unit.steps if steps is None else steps,
+                   "unit": unit.id, "attempt": attempt, "shards": list(self.shards.shards)}
         if self.rows is not None and self.homes is not None and unit.home != replica:
             lo, hi = self.homes[unit.home]  # this replica does not hold those rows
             message["rows"] = inline_arrays({"x": self.rows[0][lo:hi],
@@ -165,9 +168,10 @@ class Coordinator(Actor):
             raise ConfigError("a run needs at least one unit of work")
         self.history = []
         self._baseline = await self._initial_loss()
+        resumption = Resumption(self.shards, units)
         scheduler = UnitScheduler(replicas, self.events, recovery=self.recovery,
                                   shard_nodes=self._shard_nodes,
-                                  shards_gone=self._shards_gone)
+                                  shards_gone=self._shards_gone, redo=resumption.failed)
         self.scheduler = scheduler
         if self.stopping:
             scheduler.stop()
@@ -177,11 +181,13 @@ class Coordinator(Actor):
         planned = len(done) + len(units)
 
         def accept(unit: int, replica: int, result: dict[str, Any]) -> None:
-            summaries[replica] = _merge(summaries.get(replica), result)
+            summaries[replica] = _merge(summaries.get(replica), result,
+                                        resumption.offsets.get(unit, 0))
             done.add(units[unit].id)
 
         def send(unit: int, replica: int) -> dict[str, Any]:
-            return self.unit_message(units[unit], replica)
+            steps, attempt = resumption.attempt(unit)
+            return self.unit_message(units[unit], replica, steps, attempt)
 
         async def work() -> None:
             warm = [i for i, u in enumerate(units) if u.warm]
@@ -212,7 +218,8 @@ class Coordinator(Actor):
                 "replicas": {str(i): summary for i, summary in summaries.items()},
                 "seconds": seconds, "shards": await self.shards.stats(),
                 "units": {"planned": planned, "done": len(done),
-                          "reassigned": scheduler.reassigned}}
+                          "reassigned": scheduler.reassigned,
+                          "steps_lost": resumption.lost, "steps_kept": resumption.kept}}
 
     async def _supervise(self, work: Coroutine[Any, Any, None],
                          scheduler: UnitScheduler) -> None:
@@ -291,6 +298,40 @@ class Coordinator(Actor):
                                 f"{reason}", self.history)
 
 
+class Resumption:
+    """Where a unit that failed is taken up again: after the last push of its failed
+    attempt that every shard applied (each push carries a mark, [unit, attempt, steps
+    of the attempt], that the shards keep per replica). Steps past that point which
+    reached some shards but not all are `lost` (their push is redone, at-least-once);
+    the steps before it are `kept` and not done again."""
+
+    MARK_TIMEOUT = 2.0  # a shard that does not answer counts as having no mark
+
+    def __init__(self, client: ShardClient, units: list[Unit]) -> None:
+        self.client = client
+        self.units = units
+        self.offsets: dict[int, int] = {}  # unit -> steps applied by every shard
+        self.current: dict[int, int] = {}  # unit -> its attempt in flight
+        self._serial = itertools.count()
+        self.lost = 0
+        self.kept = 0
+
+    def attempt(self, unit: int) -> tuple[int, int]:
+        """A new attempt at `unit`: the steps it still needs and the attempt's id."""
+        self.current[unit] = attempt = next(self._serial)
+        return self.units[unit].steps - self.offsets.get(unit, 0), attempt
+
+    async def failed(self, unit: int, replica: int) -> None:
+        """`replica`'s attempt at `unit` failed: from how far the unit goes on."""
+        marks = await self.client.marks(replica, self.MARK_TIMEOUT)
+        key = [self.units[unit].id, self.current.get(unit, -2)]
+        steps = [m[2] if m is not None and m[:2] == key else 0 for m in marks]
+        acked, seen = min(steps, default=0), max(steps, default=0)
+        self.offsets[unit] = self.offsets.get(unit, 0) + acked
+        self.kept += acked
+        self.lost += seen - acked
+
+
 def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
     """Cumulative counts for dashboards and metrics: per replica (as its last push
     reported them) and per shard."""
@@ -307,10 +348,12 @@ def _activity(stats: list[dict[str, Any]], progress: Any) -> dict[str, Any]:
     }
 
 
-def _merge(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+def _merge(before: dict[str, Any] | None, after: dict[str, Any],
+           kept: int = 0) -> dict[str, Any]:
     """A replica's counters are cumulative (per incarnation); its seconds and the
-    examples of the units it finished add up across units."""
-    examples = after["steps_done"] * after["batch_size"]
+    examples of the units it finished add up across units (with the `kept` steps of
+    the unit's failed attempts, whose pushes every shard applied)."""
+    examples = (after["steps_done"] + kept) * after["batch_size"]
     if before is None:
         return {**after, "examples_done": examples}
     return {**after, "seconds": before["seconds"] + after["seconds"],

@@ -181,6 +181,8 @@ class Replica(Actor):
         self._pushing: asyncio.Task[None] | None = None
         self._stale = True  # no parameters fetched yet
         self._pending_steps = 0
+        self._unit = [-1, -1]  # the unit and attempt being done: pushes carry how far
+        self._unit_steps = 0
         self._loss_sum = 0.0
         self._loss_steps = 0
 
@@ -214,6 +216,8 @@ class Replica(Actor):
                 self.client = ShardClient(shards, self.client.bounds)
                 self._stale = True
             rows = message.get("rows")
+            self._unit = [int(message.get("unit", -1)), int(message.get("attempt", -1))]
+            self._unit_steps = 0
             try:
                 return await self.train(int(message["start"]), int(message["stop"]),
                                         int(message["steps"]),
@@ -254,6 +258,7 @@ class Replica(Actor):
             position += batch
             loss = await self._compute(x[rows], y[rows])
             self.counts["steps"] += 1
+            self._unit_steps += 1
             # a bad row (NaN in the data) spoils one batch, not the run: its loss shows it;
             # the rarer finite loss with a non-finite gradient is caught before the push
             if math.isfinite(loss):
@@ -344,7 +349,9 @@ class Replica(Actor):
         progress = {**self.counts, "replica": self.index,
                     "loss": self._loss_sum / max(1, self._loss_steps)}
         self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
-        self._pushing = asyncio.get_running_loop().create_task(self._push(buffer, progress))
+        mark = [*self._unit, self._unit_steps]
+        self._pushing = asyncio.get_running_loop().create_task(
+            self._push(buffer, progress, mark))
 
     def _drop_pending(self) -> None:
         """The batches accumulated since the last push gave a non-finite gradient
@@ -354,10 +361,11 @@ class Replica(Actor):
         self._bad_batches(self._pending_steps)
         self._loss_sum, self._loss_steps, self._pending_steps = 0.0, 0, 0
 
-    async def _push(self, buffer: np.ndarray, progress: dict[str, Any]) -> None:
+    async def _push(self, buffer: np.ndarray, progress: dict[str, Any],
+                    mark: list[int]) -> None:
         try:
             await self.client.push(buffer, self.versions, progress,
-                                   (self.index, self.generation))
+                                   (self.index, self.generation), mark)
         finally:
             buffer[...] = 0.0
         self.counts["pushes"] += 1

@@ -55,13 +55,13 @@ class Partition(Replica):
     def __init__(self, index: int, part: int, parts: int, peers: list[ActorRef],
                  model: dict[str, Any], shards: list[ActorRef], bounds: list[list[int]],
                  data: dict[str, Any], algorithm: dict[str, Any], seed: int = 0,
-                 exchange_timeout: float | None = 300.0) -> None:
+                 exchange_timeout: float | None = 300.0, generation: int = 0) -> None:
         whole = Model.from_config(model)
         self.part, self.parts = part, parts
         self.shares = [whole.partition(q, parts) for q in range(parts)]
         self.share = self.shares[part]
         self.plan = exchange_plan(self.shares, part)
-        super().__init__(index, model, shards, bounds, data, algorithm, seed)
+        super().__init__(index, model, shards, bounds, data, algorithm, seed, generation)
         self.peers = peers
         self.exchange = Exchange(exchange_timeout)
         self.links: dict[int, PartitionLink] = {}
@@ -416,19 +416,22 @@ async def spawn_partitioned_replica(
         node: Any, index: int, model: Model, nodes: list[str], shards: list[ActorRef],
         bounds: list[tuple[int, int]], block_bounds: list[tuple[int, int]],
         config: dict[str, Any], kind: type[Partition] | None = None,
-) -> tuple[ActorRef, list[ActorRef]]:
-    """Spawn replica `index` as one partition per node of `nodes`, each talking to the
-    shards inside its block, and the `PartitionedReplica` over them (on partition 0's
-    node). `kind`: the partition actor (`Partition`, Downpour's, by default). Returns
-    that replica and everything spawned, in spawn order."""
+        generation: int = 0) -> tuple[ActorRef, list[ActorRef]]:
+    """Spawn incarnation `generation` of replica `index` as one partition per node of
+    `nodes`, each talking to the shards inside its block, and the `PartitionedReplica`
+    over them (on partition 0's node). `kind`: the partition actor (`Partition`,
+    Downpour's, by default). Returns that replica and everything spawned, in spawn
+    order."""
     parts = len(nodes)
-    names = [f"replica{index}-part{p}" for p in range(parts)]
+    suffix = f"-g{generation}" if generation else ""
+    names = [f"replica{index}-part{p}{suffix}" for p in range(parts)]
     peers = [node.ref(nodes[p], names[p]) for p in range(parts)]
     spawned: list[ActorRef] = []
     for p, (lo, hi) in enumerate(block_bounds):
         mine = [i for i, (s_lo, s_hi) in enumerate(bounds) if lo <= s_lo and s_hi <= hi]
         ref = await node.spawn(kind or Partition, name=names[p], node=nodes[p], config={
             **config, "index": index, "part": p, "parts": parts, "peers": peers,
+            **({"generation": generation} if generation else {}),
             "model": model.to_config(), "shards": [shards[i] for i in mine],
             "bounds": [[bounds[i][0] - lo, bounds[i][1] - lo] for i in mine]})
         spawned.append(ref)

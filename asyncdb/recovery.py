@@ -82,6 +82,11 @@ class Site:
     respawn: Respawn
     generation: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # every node it occupies (a partitioned replica's partitions), `node` first
+    nodes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.nodes = self.nodes or [self.node]
 
 
 class Checkpointer:
@@ -111,22 +116,31 @@ class Checkpointer:
         results = await asyncio.gather(
             *(self.client.checkpoint_shard(i) for i in range(len(self.client))),
             return_exceptions=True)
-        complete = True
+        copied = time.perf_counter()
+        taken: dict[int, ShardCheckpoint] = {}
         for i, result in enumerate(results):
             if isinstance(result, BaseException):
                 log.info("shard %d not checkpointed this time: %r", i, result)
-                complete = False
                 continue
-            self.latest[i] = result
-            if self.store is not None:
-                arrays = {"values": result.values,
-                          **{f"state.{k}": v for k, v in result.state.items()}}
-                await asyncio.to_thread(self.store.save, f"shard-{i}", arrays,
-                                        {"version": result.version})
-        if complete and state is not None and self.store is not None:
-            await asyncio.to_thread(self.store.save, "run", {}, state)
+            self.latest[i] = taken[i] = result
+        if self.store is not None:  # encoding, checksum and fsync in a thread
+            await asyncio.to_thread(self._write, taken,
+                                    state if len(taken) == len(results) else None)
+        ended = time.perf_counter()
         self.taken += 1
-        self.seconds += time.perf_counter() - began
+        self.seconds += ended - began
+        self.events.record("checkpoint", shards=sorted(taken),
+                           copy_seconds=round(copied - began, 4),
+                           write_seconds=round(ended - copied, 4))
+
+    def _write(self, taken: dict[int, ShardCheckpoint], state: dict[str, Any] | None) -> None:
+        assert self.store is not None
+        for i, saved in taken.items():
+            arrays = {"values": saved.values,
+                      **{f"state.{k}": v for k, v in saved.state.items()}}
+            self.store.save(f"shard-{i}", arrays, {"version": saved.version})
+        if state is not None:
+            self.store.save("run", {}, state)
 
     def saved(self, index: int) -> ShardCheckpoint:
         """Shard `index`'s latest checkpoint, from memory or from the store."""
@@ -174,8 +188,11 @@ class Recovery:
         self.closed = False  # the run is over: failures are not its business any more
         placement.on_failure(self.failed)
 
-    def track(self, role: str, index: int, node: str, ref: ActorRef, respawn: Respawn) -> None:
-        self.sites[(role, index)] = Site(role, index, node, ref, respawn)
+    def track(self, role: str, index: int, node: str, ref: ActorRef, respawn: Respawn,
+              nodes: list[str] | None = None) -> None:
+        """Re-create actor (role, index) with `respawn` when `node` (or any of `nodes`,
+        for an actor spread over several, recreated whole) fails."""
+        self.sites[(role, index)] = Site(role, index, node, ref, respawn, nodes=nodes or [])
 
     def forget(self, role: str, index: int) -> None:
         """Re-create that actor no more (it leaves the run)."""
@@ -192,7 +209,7 @@ class Recovery:
         """A node failed (from the placement, or found by `suspect`): replace it."""
         if node in self._failed or self.failure is not None or self.closed:
             return
-        victims = [s for s in self.sites.values() if s.node == node]
+        victims = [s for s in self.sites.values() if node in s.nodes]
         if not victims:
             return
         self._failed[node] = time.perf_counter()
@@ -245,12 +262,13 @@ class Recovery:
         self.events.record("restart", node=node, replacement=fresh)
         for site in sorted(victims, key=lambda s: s.role != "shard"):  # shards first
             site.generation += 1
+            site.nodes = [fresh if n == node else n for n in site.nodes]
+            site.node = site.nodes[0]
             try:
                 site.ref = await site.respawn(fresh, site.generation)
             except (AsyncDBError, OSError) as exc:
                 raise RecoveryFailed(f"cannot re-create {site.role} {site.index} on "
                                      f"{fresh}: {exc}") from exc
-            site.node = fresh
             site.changed.set()
             site.changed = asyncio.Event()
             self.events.record("recovered", role=site.role, index=site.index, node=fresh,

@@ -26,6 +26,7 @@ log = logging.getLogger("asyncdb.scheduler")
 Message = Callable[[int, int], dict[str, Any]]  # (unit, replica) -> the unit's message
 ShardsGone = Callable[[], Awaitable[list[int]]]
 Accept = Callable[[int, int, dict[str, Any]], None]  # (unit, replica, result)
+Redo = Callable[[int, int], Awaitable[None]]  # (unit, replica): its attempt failed
 LOST = (ChannelClosed, ActorDead, Timeout)
 MAX_FAILURES = 5  # failed units in a row, with nothing found dead, before a replica is lost
 
@@ -36,13 +37,14 @@ class UnitScheduler:
     def __init__(self, replicas: list[ActorRef], events: Events, *,
                  recovery: Recovery | None = None, unit_timeout: float | None = None,
                  shard_nodes: Callable[[], list[str]] = list,
-                 shards_gone: ShardsGone | None = None) -> None:
+                 shards_gone: ShardsGone | None = None, redo: Redo | None = None) -> None:
         self.refs = list(replicas)
         self.events = events
         self.recovery = recovery
         self.unit_timeout = unit_timeout
         self.shard_nodes = shard_nodes
         self.shards_gone = shards_gone
+        self.redo = redo  # told of a failed attempt before its unit goes back
         self.lost: list[int] = []
         self.retired: set[int] = set()  # removed on request: take no more units
         self.stopping = False
@@ -143,6 +145,8 @@ class UnitScheduler:
                 result = await self.ref(replica).ask(message(lease.unit, replica),
                                                      timeout=self.unit_timeout)
             except LOST as exc:
+                if self.redo is not None:
+                    await self.redo(lease.unit, replica)
                 queue.release(lease)
                 self._changed.set()
                 self.reassigned += 1
@@ -177,7 +181,7 @@ class UnitScheduler:
             self.events.record("lost", role="replica", index=replica, reason=str(error))
             return False
         site = recovery.current("replica", replica)
-        recovery.suspect([site.node, *self.shard_nodes()])
+        recovery.suspect([*site.nodes, *self.shard_nodes()])
         await recovery.settled()
         if not recovery.tracks("replica", replica):  # given up on: lost for this run
             return await self._survives(replica, error, MAX_FAILURES)

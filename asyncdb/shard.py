@@ -4,6 +4,8 @@ applies pushed gradients in place with its update rule, and reports what it saw.
 Messages (dicts with an "op"; `ShardClient` is the caller's side):
     fetch [lo, hi]            -> {"values", "version", "stop"} (the slice, or [lo, hi))
     push  grad, version       -> {"version", "staleness", "stop"}; UpdateRejected if bad
+          [sender, mark]        (mark [unit, attempt, steps]: the replica's unit steps it covers)
+    mark  replica             -> the mark of that replica's last push applied here, or None
     stop                      -> None; from now on fetch and push replies say "stop"
     stats                     -> counters (updates, version, staleness, rejections)
     checkpoint                -> {"values", "state", "version"}
@@ -70,6 +72,7 @@ class ParameterShard(Actor):
         # incarnation that was replaced (it froze, then woke up) is refused
         self.fences: dict[int, int] = {}
         self.fenced = 0
+        self.marks: dict[int, list[int]] = {}  # replica -> its last applied push's mark
         self.stopping = False  # the run is ending early: replies tell the replicas
 
     @classmethod
@@ -105,6 +108,7 @@ class ParameterShard(Actor):
         if op == "push":
             self._check_sender(message.get("sender"))
             result = self.push(message.get("grad"), message.get("version", self.version))
+            self._mark(message.get("sender"), message.get("mark"))
             progress = message.get("progress")
             if isinstance(progress, dict):
                 self.progress[str(progress.get("replica"))] = progress
@@ -126,6 +130,8 @@ class ParameterShard(Actor):
             return self.restore(message)
         if op == "fence":
             return self.fence(message.get("fences"))
+        if op == "mark":
+            return self.marks.get(message.get("replica"))  # type: ignore[arg-type]
         if op in ("vectors", "begin", "accumulate", "missing"):
             return self.sandblaster(op, message)
         raise UpdateRejected(f"shard {self.index}: unknown op {op!r}")
@@ -154,6 +160,12 @@ class ParameterShard(Actor):
             raise UpdateRejected(f"shard {self.index}: replica {replica} generation "
                                  f"{generation} was replaced; push refused")
         self.fences[replica] = generation
+
+    def _mark(self, sender: Any, mark: Any) -> None:
+        """Remember how far into its unit the replica's push just applied went."""
+        if sender is not None and isinstance(mark, list) and len(mark) == 3 \
+                and all(type(v) is int for v in mark):
+            self.marks[sender[0]] = mark
 
     def fetch(self, lo: Any, hi: Any, vector: Any = "x") -> dict[str, Any]:
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= len(self.values)):

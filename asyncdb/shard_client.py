@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .actor import ActorRef
-from .errors import ConfigError
+from .errors import AsyncDBError, ConfigError
 
 T = TypeVar("T")
 
@@ -97,10 +97,13 @@ class ShardClient:
 
     async def push(self, grad: np.ndarray, versions: Sequence[int],
                    progress: dict[str, Any] | None = None,
-                   sender: tuple[int, int] | None = None) -> list[dict[str, int]]:
+                   sender: tuple[int, int] | None = None,
+                   mark: list[int] | None = None) -> list[dict[str, int]]:
         """Send each shard its slice of the flat gradient `grad`, with the version of the
         parameters it was computed from; `progress` rides on shard 0's push; `sender`
-        (replica, generation) lets shards refuse a replaced incarnation. Each shard
+        (replica, generation) lets shards refuse a replaced incarnation; `mark`
+        ([unit, attempt, steps]) tells each shard how far into its unit the replica's
+        push goes (see `marks`). Each shard
         answers {"version", "staleness", "stop"} or raises `UpdateRejected`. A reply
         with "stop" (as a fetch's) sets `stopping`: the run is ending early."""
 
@@ -110,6 +113,8 @@ class ShardClient:
                                        "version": int(versions[i])}
             if sender is not None:
                 message["sender"] = list(sender)
+                if mark is not None:
+                    message["mark"] = mark
             if i == 0 and progress is not None:
                 message["progress"] = progress
             reply: dict[str, int] = await self._ask(shard, message)
@@ -128,6 +133,19 @@ class ShardClient:
     async def stats(self) -> list[dict[str, Any]]:
         """Each shard's counters (updates, version, fetches, staleness, rejections...)."""
         return await self._each(lambda _i, shard: self._ask(shard, {"op": "stats"}))
+
+    async def marks(self, replica: int, timeout: float) -> list[list[int] | None]:
+        """Each shard's mark of replica `replica`'s last push it applied ([unit, attempt,
+        steps]); None for a shard that has none or does not answer within `timeout`."""
+
+        async def one(shard: ActorRef) -> list[int] | None:
+            try:
+                reply = await shard.ask({"op": "mark", "replica": replica}, timeout=timeout)
+            except AsyncDBError:
+                return None
+            return [int(v) for v in reply] if isinstance(reply, list) else None
+
+        return list(await asyncio.gather(*(one(shard) for shard in self.shards)))
 
     async def checkpoint(self) -> list[ShardCheckpoint]:
         """A copy of every shard's state, taken shard by shard."""

@@ -85,6 +85,7 @@ class DownpourRun:
         self.coordinator: Coordinator | None = None
         self.stopping = False
         self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
+        self.partitions_of: dict[int, list[ActorRef]] = {}  # replica -> its actors now
         self.rows: TrainingData | None = None
         self.added: dict[int, str] = {}  # replicas added during the run -> their node
         self.removed: list[int] = []
@@ -165,7 +166,7 @@ class DownpourRun:
                     else DEFAULT_CHECKPOINT_EVERY, self.events)
             replicas = [await self._spawn_replica(i, replica_nodes[i], rows.specs[i], 0)
                         for i in range(self.n_replicas)]
-            self._track(shard_nodes, [n[0] for n in replica_nodes], replicas, rows.specs)
+            self._track(shard_nodes, replica_nodes, replicas, rows.specs)
             remote = not rows.everywhere
             coordinator = await self.node.spawn(Coordinator, config={
                 "model": self.model.to_config(), "client": self.client,
@@ -200,6 +201,10 @@ class DownpourRun:
                 await self.recovery.close()
             await self._stop_all()
             rows.close()
+        units_ = result["units"]
+        batch = self.algorithm.batch_size
+        units_["examples_lost"] = units_.pop("steps_lost", 0) * batch
+        units_["examples_kept"] = units_.pop("steps_kept", 0) * batch
         result["events"] = self.events.entries
         result["checkpoints"] = (None if self.checkpointer is None else
                                  {"taken": self.checkpointer.taken,
@@ -236,8 +241,10 @@ class DownpourRun:
             ref, refs = await spawn_partitioned_replica(
                 self.node, index, self.model, nodes, self.client.shards, self.bounds,
                 self.layout.block_bounds, {"data": spec, "seed": self.options.seed,
-                                           "algorithm": self.algorithm.to_config()})
+                                           "algorithm": self.algorithm.to_config()},
+                generation)
             self.spawned += refs
+            self.partitions_of[index] = refs
             return ref
         ref = await self.node.spawn(Replica, node=nodes[0], config={
             "index": index, "model": self.model.to_config(), "shards": self.client.shards,
@@ -250,7 +257,7 @@ class DownpourRun:
     def _done_before(self) -> list[int]:
         return [] if self.options.resume is None else list(self._resumed_state()["done"])
 
-    def _track(self, shard_nodes: list[str], replica_nodes: list[str],
+    def _track(self, shard_nodes: list[str], replica_nodes: list[list[str]],
                replicas: list[ActorRef], specs: list[dict[str, Any]]) -> None:
         """Tell recovery how to re-create each shard and replica."""
         recovery, client = self.recovery, self.client
@@ -276,17 +283,19 @@ class DownpourRun:
 
         for i, ref in enumerate(client.shards):
             recovery.track("shard", i, shard_nodes[i], ref, shard(i))
-        if self.partitions > 1:
-            return  # a partitioned replica whose partition fails is lost, not re-created
-        for i, ref in enumerate(replicas):
-            recovery.track("replica", i, replica_nodes[i], ref, self._respawn(i, specs[i]))
+        for i, ref in enumerate(replicas):  # a partitioned one is re-created whole
+            recovery.track("replica", i, replica_nodes[i][0], ref, self._respawn(i, specs[i]),
+                           replica_nodes[i])
 
     def _respawn(self, index: int, spec: dict[str, Any]) -> Any:
         """How recovery re-creates replica `index`: fenced first, then spawned anew."""
         async def respawn(node: str, generation: int) -> ActorRef:
-            assert self.client is not None
+            assert self.client is not None and self.recovery is not None
             await self.client.fence({index: generation})  # the old incarnation is refused
-            return await self._spawn_replica(index, [node], spec, generation)
+            nodes = self.recovery.current("replica", index).nodes  # the failed one replaced
+            for ref in self.partitions_of.pop(index, []):  # a partitioned one's survivors
+                await self._stop_actor(ref)
+            return await self._spawn_replica(index, nodes, spec, generation)
         return respawn
 
     # -- elastic replicas --------------------------------------------------------

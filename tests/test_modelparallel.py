@@ -6,6 +6,7 @@ replica without hanging the run."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from asyncdb.data import inline_arrays
 from asyncdb.modelparallel import ReplicaClient, spawn_partitioned_replica
 from asyncdb.models import MLP, LocallyConnected1D, Model
 from asyncdb.params import PartitionedLayout
+from asyncdb.placement import split_rows
 from asyncdb.shard_client import ShardClient
 
 MODELS = [MLP([13, 11, 7, 10]), LocallyConnected1D(width=11, channels=[2, 3, 2], window=3,
@@ -193,23 +195,35 @@ async def test_two_partitioned_replicas_learn_digits_like_unsplit_ones(digits):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim_part", [0, 1])  # 0 also hosts the replica the coordinator asks
-async def test_a_dead_partition_loses_its_replica_and_the_run_goes_on(digits, victim_part):
+async def test_a_dead_partition_restarts_its_replica_and_the_run_goes_on(digits, victim_part):
     model = MLP([digits.n_features, 64, digits.n_classes])
+    algorithm = asyncdb.Downpour(batch_size=32, unit_steps=20)
     async with asyncdb.Cluster.local(shards=2, replicas=2, partitions=2) as cluster:
         assert cluster.nodes is not None
         victim = cluster.nodes.ids[2 + 2 + victim_part]  # after 2 shards and replica 0
+        assert {"role": "partition", "index": f"1.{victim_part}", "node": victim} \
+            .items() <= next(d for d in cluster.describe()
+                             if d["index"] == f"1.{victim_part}").items()
         killed = asyncio.Event()
 
         def progress(entry):
             if entry["examples"] > 0 and not killed.is_set():
-                cluster.nodes.kill(victim)
+                cluster.nodes.kill(victim)  # kill -9
                 killed.set()
 
-        run = await cluster.train(model, digits, algorithm=asyncdb.Downpour(batch_size=32),
-                                  optimizer=asyncdb.Adagrad(lr=0.05), epochs=30,
-                                  eval_every=0.05, on_progress=progress)
+        run = await asyncio.wait_for(cluster.train(
+            model, digits, algorithm=algorithm, optimizer=asyncdb.Adagrad(lr=0.05),
+            epochs=30, eval_every=0.05, on_progress=progress), 300)
     assert killed.is_set()
-    assert run.lost == [1]
+    assert run.lost == []
+    recovered = [(e["role"], e["index"], e["generation"]) for e in run.events
+                 if e["event"] == "recovered"]
+    assert recovered == [("replica", 1, 1)]
+    assert [e["node"] for e in run.events if e["event"] == "restart"] == [victim]
+    assert run.units["done"] == run.units["planned"]
+    planned = sum(math.ceil(30 * (hi - lo) / 32)
+                  for lo, hi in split_rows(len(digits.x_train), 2)) * 32
+    assert abs(run.final["examples"] - planned) <= 20 * 32  # within one unit
     assert run.final["test_accuracy"] >= 0.9
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import asyncdb
 from asyncdb.models import MLP
+from asyncdb.placement import split_rows
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,14 @@ async def test_kill_9_of_a_process_does_not_lose_the_run(teacher, victim, tmp_pa
     assert [(e["role"], e["index"], e["generation"]) for e in recovered] == [(victim, 1, 1)]
     if victim == "shard":  # from a checkpoint taken during the run, not initial values
         assert [e["version"] > 0 for e in _events(run, "restored")] == [True]
+    else:  # the unit went on from its last push both shards applied, not from its start
+        assert run.units["examples_kept"] > 0
+        planned = sum(math.ceil(6 * (hi - lo) / 32)
+                      for lo, hi in split_rows(len(teacher.x_train), 2))
+        # one push a step: every planned step once on each shard, plus the steps whose
+        # push reached one shard only (lost, then redone)
+        assert sum(s["updates"] for s in run.shards) == \
+            2 * planned + run.units["examples_lost"] // 32
     assert run.final["test_accuracy"] > 0.6
 
 
@@ -104,6 +113,7 @@ DRIVER = """
 import asyncio, sys
 import asyncdb
 from asyncdb.models import MLP
+from asyncdb.placement import split_rows
 
 async def main():
     data = asyncdb.datasets.load("teacher", n=12_000, features=32, test=1000, seed=3)

@@ -10,7 +10,9 @@ Then a clean run and a chaos run of `epochs` each, for the accuracy gap: in the 
 run, every `fault_every` seconds one random replica or shard process gets kill -9 or
 SIGSTOP (in turn), the next fault only once the last one is recovered. Detection is
 timed from the signal to the failure event, recovery from detection to the actor
-serving again.
+serving again. `examples_lost` counts the examples of steps whose push reached some
+shards but not all (their unit goes on from the last push every shard applied, so
+they are done again); `examples_kept` those of failed units' steps not done again.
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ async def overhead(settings: Settings, data: Dataset) -> dict[str, Any]:
     unit_examples = settings.unit_steps * settings.batch_size
     ratios: list[float] = []
     taken: list[float] = []
+    copies: list[float] = []  # shards' state to the driver
+    writes: list[float] = []  # encoding, checksum, fsync (in a thread)
     with tempfile.TemporaryDirectory() as directory:  # a first run pays for warming up
         await _train(settings, data, chaos=False, directory=directory,
                      epochs=settings.overhead_epochs / 4, checkpoint_every=math.inf)
@@ -146,12 +150,17 @@ async def overhead(settings: Settings, data: Dataset) -> dict[str, Any]:
             pair[checkpoints] = _throughput(run, unit_examples)
             if checkpoints and run.checkpoints and run.checkpoints["taken"]:
                 taken.append(run.checkpoints["seconds"] / run.checkpoints["taken"])
+                rounds = [e for e in run.events if e["event"] == "checkpoint"]
+                copies += [e["copy_seconds"] for e in rounds]
+                writes += [e["write_seconds"] for e in rounds]
         ratios.append(pair[True] / pair[False])
     return {"checkpoint_overhead": round(1 - statistics.median(ratios), 4),
             "checkpoint_overhead_samples": [round(1 - r, 4) for r in ratios],
             "checkpoint_seconds_each": round(statistics.median(taken), 4) if taken else None,
             "checkpoint_time_share": (round(statistics.median(taken) / DEFAULT_CHECKPOINT_EVERY,
                                             5) if taken else None),
+            "checkpoint_copy_seconds": _stats(copies),
+            "checkpoint_write_seconds": _stats(writes),
             "checkpoint_every_default": DEFAULT_CHECKPOINT_EVERY}
 
 
@@ -183,7 +192,8 @@ async def run(settings: Settings | None = None) -> dict[str, Any]:
         "units_done": chaos.units.get("done"),
         "units_planned": chaos.units.get("planned"),
         "units_reassigned": chaos.units.get("reassigned"),
-        "examples_lost": chaos.units.get("reassigned", 0) * unit_examples,
+        "examples_lost": chaos.units.get("examples_lost", 0),
+        "examples_kept": chaos.units.get("examples_kept", 0),
         "updates_lost": sum(int(e.get("updates_lost", 0)) for e in restored),
         "hangs": _hangs(chaos, settings.liveness),
         "seconds": {"clean": round(clean.seconds, 2), "chaos": round(chaos.seconds, 2)},

@@ -242,7 +242,7 @@ class DownpourRun:
                 self.node, index, self.model, nodes, self.client.shards, self.bounds,
                 self.layout.block_bounds, {"data": spec, "seed": self.options.seed,
                                            "algorithm": self.algorithm.to_config()},
-                generation)
+                generation=generation)
             self.spawned += refs
             self.partitions_of[index] = refs
             return ref

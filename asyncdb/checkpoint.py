@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,10 @@ class CheckpointStore:
                 old.unlink()
         return path
 
-    def load(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The newest valid checkpoint of `name`: its arrays and metadata."""
+    def load(self, name: str, accept: Callable[[dict[str, Any]], bool] | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The newest valid checkpoint of `name` (whose metadata `accept` takes, if
+        given): its arrays and metadata."""
         _check_name(name)
         files = self._files(name)
         if not files:
@@ -73,10 +76,14 @@ class CheckpointStore:
         problems = []
         for _serial, path in reversed(files):
             try:
-                return read_checkpoint(path)
+                arrays, meta = read_checkpoint(path)
             except CheckpointError as exc:
                 log.warning("checkpoint %s is unusable (%s); trying the one before", path, exc)
                 problems.append(str(exc))
+                continue
+            if accept is None or accept(meta):
+                return arrays, meta
+            problems.append(f"{path.name} is not of the round wanted")
         raise CheckpointError(f"every checkpoint of {name} in {self.directory} is unusable: "
                               + "; ".join(problems))
 

@@ -25,7 +25,6 @@ from .coordinator import Progress
 from .datasets import Dataset
 from .downpour import Downpour
 from .errors import ConfigError
-from .lbfgs import train_sandblaster
 from .node import Node
 from .optim import Adagrad, UpdateRule
 from .params import Layout, layout_of, tensors_of
@@ -34,6 +33,7 @@ from .process import LocalNodes
 from .recovery import Recovery
 from .runs import Run
 from .sandblaster import Sandblaster
+from .sandblaster_run import SandblasterRun
 from .shard_client import ShardClient
 from .training import DownpourRun, Options
 
@@ -59,6 +59,7 @@ class Cluster:
         self._started = False
         self._live: tuple[Layout, ShardClient] | None = None  # for parameters()
         self._run: DownpourRun | None = None  # a Downpour run in progress
+        self._sandblaster: SandblasterRun | None = None  # a Sandblaster run in progress
 
     @classmethod
     def inproc(cls, shards: int = 1, replicas: int = 1, *, partitions: int = 1,
@@ -121,7 +122,7 @@ class Cluster:
         if node is None or node.closed or not self._started:
             return []
         shard_nodes, slot_nodes = self.placement.place(self.shards, self.slots)
-        recovery = None if self._run is None else self._run.recovery
+        recovery = self.recovery
         if recovery is not None:  # where failed actors were re-created
             shard_nodes = [recovery.current("shard", i).node if recovery.tracks("shard", i)
                            else n for i, n in enumerate(shard_nodes)]
@@ -187,8 +188,10 @@ class Cluster:
         if node is None:
             raise ConfigError("use the cluster inside `async with`")
         if isinstance(algorithm, Sandblaster):
-            return await self._train_sandblaster(model, data, algorithm, epochs, steps,
-                                                 optimizer, seed, on_progress)
+            return await self._train_sandblaster(
+                model, data, algorithm, epochs, steps, optimizer, seed, on_progress,
+                {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every,
+                 "max_restarts": max_restarts, "resume": resume})
         epochs = 1.0 if epochs is None else epochs
         algorithm = algorithm or Downpour()
         optimizer = optimizer or Adagrad()
@@ -252,8 +255,11 @@ class Cluster:
     async def _train_sandblaster(self, model: Model, data: Dataset, algorithm: Sandblaster,
                                  epochs: float | None, steps: int | None,
                                  optimizer: UpdateRule | None, seed: int,
-                                 on_progress: Progress | None) -> Run:
-        """Sandblaster L-BFGS: counts iterations (`algorithm.iterations`), not epochs."""
+                                 on_progress: Progress | None,
+                                 faults: dict[str, Any]) -> Run:
+        """Sandblaster L-BFGS: counts iterations (`algorithm.iterations`), not epochs.
+        `faults`: checkpoint_dir, checkpoint_every, max_restarts, resume (as `train`;
+        checkpoint rounds are taken at iteration boundaries)."""
         if epochs is not None or steps is not None or optimizer is not None:
             raise ConfigError("Sandblaster counts iterations, not epochs or steps, and has "
                               "no update rule: pass epochs=None and no steps or optimizer")
@@ -263,22 +269,27 @@ class Cluster:
         def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
             self._live = (layout, ShardClient(shards, bounds))
 
+        run = SandblasterRun(self.node, self.placement, self.shards, self.replicas, model,
+                             data, algorithm, seed=seed, on_progress=on_progress,
+                             on_shards=live, partitions=self.partitions, **faults)
+        self._sandblaster = run
         try:
-            result = await train_sandblaster(self.node, self.placement, self.shards,
-                                             self.replicas, model, data, algorithm, seed=seed,
-                                             on_progress=on_progress, on_shards=live,
-                                             partitions=self.partitions)
+            result = await run.execute()
         finally:
             self._live = None
+            self._sandblaster = None
         return Run(
             history=result["history"], params=tensors_of(layout, np.array(result["params"])),
             replicas={int(k): v for k, v in result["replicas"].items()},
             shards=result["shards"], lost=result["lost"], seconds=result["seconds"],
+            events=result["events"], checkpoints=result["checkpoints"],
             config={"mode": self.placement.name, "shards": self.shards,
-                    "replicas": self.replicas, "model": model.to_config(),
+                    "replicas": self.replicas, "partitions": self.partitions,
+                    "model": model.to_config(),
                     "algorithm": {"name": "sandblaster", **algorithm.to_config()},
                     "seed": seed, "data": data.name, "features": data.n_features,
-                    "classes": data.n_classes},
+                    "classes": data.n_classes,
+                    **{k: str(v) if isinstance(v, Path) else v for k, v in faults.items()}},
             preprocessing=data.preprocessing)
 
     async def add_replicas(self, n: int = 1) -> list[int]:
@@ -317,7 +328,9 @@ class Cluster:
 
     @property
     def recovery(self) -> Recovery | None:
-        """The recovery of the Downpour run in progress (its events, its sites), if any."""
+        """The recovery of the run in progress (its events, its sites), if any."""
+        if self._sandblaster is not None:
+            return self._sandblaster.recovery
         return None if self._run is None else self._run.recovery
 
     async def parameters(self) -> dict[str, np.ndarray]:

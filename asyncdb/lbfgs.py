@@ -10,60 +10,101 @@ passes at trial points and a gradient pass only where sufficient decrease holds.
 
 At each iteration boundary (after `accept`) the shards hold x, g and the history ring
 of the same iteration, and their version is the iteration number, so a checkpoint
-taken there is consistent.
+taken there is consistent: every `checkpoint_every` seconds the coordinator takes one
+round of every shard's vectors with its own scalars (`Point`). When a shard fails, the
+run goes back to that round: the failed shard is re-created from it, the others are
+restored to it, and the iterations since are done again. The passes use no random
+numbers (portions go in order), so a round needs no RNG state, and no queue is open
+at a boundary.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import copy
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
-from asyncdb.models import Model
-
 from .actor import Actor, ActorRef
-from .datasets import Dataset
-from .downpour import Downpour
-from .errors import ConfigError
+from .errors import CheckpointError, TrainingFailed
 from .linesearch import Step, StrongWolfe
-from .modelparallel import spawn_partitioned_replica
-from .node import Node
-from .optim import SGD
-from .params import PartitionedLayout, layout_of, spans_of
-from .placement import Placement
+from .passes import LOST, Passes, ShardsRestored, shard_generations
+from .recovery import Checkpointer, Events, Recovery
 from .registry import register_actor
-from .sandblaster import Evaluator, Passes, Sandblaster, SandblasterReplica, wire_bytes
-from .sandblaster_partition import SandblasterPartition
-from .shard import ParameterShard
+from .sandblaster import Sandblaster, wire_bytes
 from .shard_client import ShardClient
-from .system import SYSTEM
 
 log = logging.getLogger("asyncdb.lbfgs")
+
+
+MAX_REWINDS = 5  # going back to a checkpoint this often in a row ends the run
+
+
+@dataclass
+class Point:
+    """Where the run is at an iteration boundary, beside the shards' vectors: what a
+    checkpoint round saves of the coordinator (plain data)."""
+
+    iteration: int
+    loss: float
+    gnorm: float
+    history: list[dict[str, Any]]
+    ring: list[list[float]] = field(default_factory=list)  # [slot, rho], oldest first
+    gamma: float = 1.0
+    pairs: int = 0
+    elapsed: float = 0.0  # seconds of training before this point
+
+    def to_state(self) -> dict[str, Any]:
+        return copy.deepcopy({"algorithm": "sandblaster", **asdict(self)})
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Point:
+        try:
+            return cls(int(state["iteration"]), float(state["loss"]), float(state["gnorm"]),
+                       copy.deepcopy(list(state["history"])),
+                       [[int(slot), float(rho)] for slot, rho in state["ring"]],
+                       float(state["gamma"]), int(state["pairs"]),
+                       float(state.get("elapsed", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"a Sandblaster checkpoint's state is malformed: "
+                                  f"{exc!r}") from exc
 
 
 @register_actor("asyncdb.SandblasterCoordinator")
 class SandblasterCoordinator(Actor):
     """Runs one Sandblaster run: `run` replicas, evaluator -> history and counters.
-    `on_progress` (a callable: spawn it in the driver's process) sees each entry."""
+    `on_progress` (a callable: spawn it in the driver's process) sees each entry.
+    With a `checkpointer`, rounds are taken at iteration boundaries every
+    `checkpoint_every` seconds; with `recovery` too, failed shards and replicas are
+    re-created and the run goes on; `resumed` is the point a resumed run starts from
+    (its shards already hold that round)."""
 
     network_spawn = False  # lives on the driver's node
 
-    def __init__(self, shards: list[ActorRef], bounds: list[list[int]], rows: int,
-                 algorithm: dict[str, Any], l2: float = 0.0,
-                 on_progress: Any = None) -> None:
+    def __init__(self, client: ShardClient, rows: int, algorithm: dict[str, Any],
+                 l2: float = 0.0, on_progress: Any = None, recovery: Recovery | None = None,
+                 checkpointer: Checkpointer | None = None, checkpoint_every: float = 10.0,
+                 events: Events | None = None, resumed: dict[str, Any] | None = None) -> None:
         self.settings = Sandblaster.from_config(algorithm)
-        self.shards = ShardClient(shards, bounds, meter=self._count)
+        self.shards = client
+        client.meter = self._count
         self.rows = rows
         self.l2 = float(l2)
         self.on_progress = on_progress
+        self.recovery = recovery
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every
+        self.events = events or Events()
+        self.saved = None if resumed is None else Point.from_state(resumed)
         self.received = 0  # bytes of every reply this coordinator got during the run
         self.ring: list[tuple[int, float]] = []  # (slot, rho), oldest first
         self.gamma = 1.0
         self.pairs = 0
+        self.rewinds = 0
+        self.iterations_redone = 0
 
     def _count(self, reply: Any) -> None:
         self.received += wire_bytes(reply)
@@ -71,7 +112,7 @@ class SandblasterCoordinator(Actor):
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "run":
             return await self.run(message["replicas"], message["evaluator"])
-        raise ConfigError(f"Sandblaster coordinator: unknown op {message.get('op')!r}")
+        raise TrainingFailed(f"Sandblaster coordinator: unknown op {message.get('op')!r}")
 
     # -- objective -------------------------------------------------------------------
 
@@ -143,58 +184,119 @@ class SandblasterCoordinator(Actor):
     # -- the run -------------------------------------------------------------------
 
     async def run(self, replicas: list[ActorRef], evaluator: ActorRef) -> dict[str, Any]:
-        settings = self.settings
-        started = time.perf_counter()
-        passes = Passes(self.shards, replicas, self.rows, settings, self._count)
-        loss, gnorm = await self._objective(passes)
-        history = [await self._entry(0, started, loss, gnorm, None, passes, evaluator)]
-        stop = "iterations"
-        iteration = 0
-        while iteration < settings.iterations:
-            if gnorm <= settings.gtol:
-                stop = "gtol"
+        passes = Passes(self.shards, replicas, self.rows, self.settings, self._count,
+                        self.recovery)
+        began = time.perf_counter()
+        last = None if self.saved is None else self.saved.elapsed
+        self.started = began - (last or 0.0)
+        self.checkpointed = time.perf_counter()
+        while True:
+            try:
+                point = await self._start(passes, evaluator)
+                stop = await self._iterate(point, passes, evaluator)
                 break
-            if settings.max_seconds is not None \
-                    and time.perf_counter() - started >= settings.max_seconds:
-                stop = "max_seconds"
-                break
-            iteration += 1
-            slope = await self._direction()
-            first = 1.0 if self.ring else min(1.0, 1.0 / max(gnorm, 1e-300))
-            step = await self._line_search(passes, loss, slope, first)
-            if not step.ok:
-                history.append(await self._entry(iteration, started, loss, gnorm, step,
-                                                 passes, evaluator))
-                if not self.ring:
-                    stop = f"line search failed: {step.reason}"
-                    break
-                log.warning("iteration %d: line search failed (%s); history dropped, "
-                            "trying steepest descent", iteration, step.reason)
-                self.ring = []
-                continue
-            previous = loss
-            gnorm = math.sqrt(await self._accept(iteration))
-            loss = step.f
-            last = iteration == settings.iterations or gnorm <= settings.gtol
-            history.append(await self._entry(iteration, started, loss, gnorm, step, passes,
-                                             evaluator if last or iteration
-                                             % settings.eval_every == 0 else None))
-            if (previous - loss) <= settings.ftol * max(abs(previous), abs(loss), 1.0):
-                stop = "ftol"
-                break
-        if history[-1].get("test_accuracy") is None:
-            history[-1]["test_accuracy"] = await evaluator.ask({"op": "evaluate"})
-        seconds = time.perf_counter() - started
-        return self._summary(history, passes, seconds, stop, iteration)
+            except (ShardsRestored, *LOST) as exc:
+                await self._rewind(passes, exc)
+        if point.history[-1].get("test_accuracy") is None:
+            point.history[-1]["test_accuracy"] = await evaluator.ask({"op": "evaluate"})
+        return self._summary(point, passes, time.perf_counter() - self.started, stop)
 
-    async def _entry(self, iteration: int, started: float, loss: float, gnorm: float,
-                     step: Step | None, passes: Passes,
+    async def _start(self, passes: Passes, evaluator: ActorRef) -> Point:
+        """The point of the last checkpoint round (the shards hold it), or the first."""
+        if self.saved is not None:
+            point = Point.from_state(self.saved.to_state())
+            self.ring = [(int(slot), rho) for slot, rho in point.ring]
+            self.gamma, self.pairs = point.gamma, point.pairs
+            return point
+        self.ring, self.gamma, self.pairs = [], 1.0, 0
+        loss, gnorm = await self._objective(passes)
+        point = Point(0, loss, gnorm, [])
+        point.history.append(await self._entry(point, None, passes, evaluator))
+        await self._boundary(point)
+        return point
+
+    async def _iterate(self, point: Point, passes: Passes, evaluator: ActorRef) -> str:
+        """Iterations from `point` until a stopping rule holds; answers which."""
+        settings = self.settings
+        while point.iteration < settings.iterations:
+            if point.gnorm <= settings.gtol:
+                return "gtol"
+            if settings.max_seconds is not None \
+                    and time.perf_counter() - self.started >= settings.max_seconds:
+                return "max_seconds"
+            point.iteration += 1
+            slope = await self._direction()
+            first = 1.0 if self.ring else min(1.0, 1.0 / max(point.gnorm, 1e-300))
+            step = await self._line_search(passes, point.loss, slope, first)
+            if not step.ok:
+                point.history.append(await self._entry(point, step, passes, evaluator))
+                if not self.ring:
+                    return f"line search failed: {step.reason}"
+                log.warning("iteration %d: line search failed (%s); history dropped, "
+                            "trying steepest descent", point.iteration, step.reason)
+                self.ring = []
+                await self._boundary(point)
+                continue
+            previous = point.loss
+            point.gnorm = math.sqrt(await self._accept(point.iteration))
+            point.loss = step.f
+            last = point.iteration == settings.iterations or point.gnorm <= settings.gtol
+            point.history.append(await self._entry(
+                point, step, passes, evaluator if last or point.iteration
+                % settings.eval_every == 0 else None))
+            self.rewinds = 0  # an iteration got through
+            await self._boundary(point)
+            if (previous - point.loss) <= settings.ftol * max(abs(previous), abs(point.loss),
+                                                              1.0):
+                return "ftol"
+        return "iterations"
+
+    async def _boundary(self, point: Point) -> None:
+        """At an iteration boundary: a checkpoint round, if one is due."""
+        checkpointer = self.checkpointer
+        if checkpointer is None \
+                or time.perf_counter() - self.checkpointed < self.checkpoint_every:
+            return
+        point.ring = [[slot, rho] for slot, rho in self.ring]
+        point.gamma, point.pairs = self.gamma, self.pairs
+        point.elapsed = time.perf_counter() - self.started
+        state = {**point.to_state(), "shards": len(self.shards), "rows": self.rows}
+        checkpointer.state = lambda: state
+        await checkpointer.take(whole=True)
+        self.saved = Point.from_state(state)
+        self.checkpointed = time.perf_counter()
+
+    async def _rewind(self, passes: Passes, exc: BaseException) -> None:
+        """A shard or a node failed mid-iteration: once recovery has re-created what
+        failed, put every shard back to the last checkpoint round and go on from it."""
+        recovery, checkpointer = self.recovery, self.checkpointer
+        if recovery is None or checkpointer is None:
+            raise exc
+        self.rewinds += 1
+        if self.rewinds > MAX_REWINDS:
+            raise TrainingFailed(f"the run went back to its checkpoint {MAX_REWINDS} times "
+                                 f"without getting through an iteration: {exc}") from exc
+        recovery.suspect([node for site in recovery.sites.values() for node in site.nodes])
+        await recovery.settled()
+        if shard_generations(recovery, len(self.shards)) == passes.generations:
+            await asyncio.sleep(min(0.05 * 2 ** self.rewinds, 1.0))  # a report may come
+            await recovery.settled()
+        back_to = 0 if self.saved is None else self.saved.iteration
+        if checkpointer.latest:
+            await checkpointer.restore()
+        passes.generations = shard_generations(recovery, len(self.shards))
+        self.events.record("rewound", iteration=back_to, reason=f"{type(exc).__name__}: "
+                           f"{exc}")
+        log.warning("going back to iteration %d after %s: %s", back_to,
+                    type(exc).__name__, exc)
+
+    async def _entry(self, point: Point, step: Step | None, passes: Passes,
                      evaluator: ActorRef | None) -> dict[str, Any]:
-        elapsed = time.perf_counter() - started  # before the evaluation, which is not ours
+        elapsed = time.perf_counter() - self.started  # before the evaluation: not ours
         accuracy = None if evaluator is None else await evaluator.ask({"op": "evaluate"})
         entry = {
-            "iteration": iteration, "time": round(elapsed, 4),
-            "loss": loss, "grad_norm": gnorm,
+            "iteration": point.iteration, "time": round(elapsed, 4),
+            "loss": point.loss, "grad_norm": point.gnorm,
             "step": None if step is None else step.alpha,
             "line_search_losses": 0 if step is None else step.losses,
             "line_search_gradients": 0 if step is None else step.gradients,
@@ -206,86 +308,15 @@ class SandblasterCoordinator(Actor):
             self.on_progress(entry)
         return entry
 
-    def _summary(self, history: list[dict[str, Any]], passes: Passes, seconds: float,
-                 stop: str, iterations: int) -> dict[str, Any]:
+    def _summary(self, point: Point, passes: Passes, seconds: float,
+                 stop: str) -> dict[str, Any]:
+        history = point.history
         final = history[-1]
         final["stop"] = stop
-        final["coordinator_bytes_per_iteration"] = self.received / max(1, iterations)
+        final["coordinator_bytes_per_iteration"] = self.received / max(1, point.iteration)
         final["portions_per_replica"] = {str(k): v for k, v in
                                          passes.portions_per_replica.items()}
         final.update(passes.totals)
+        final["rewinds"] = sum(1 for e in self.events.entries if e["event"] == "rewound")
         return {"history": history, "seconds": seconds, "lost": passes.lost,
-                "live": sorted(passes.live)}
-
-
-async def train_sandblaster(node: Node, placement: Placement, shards: int, replicas: int,
-                            model: Model, data: Dataset, algorithm: Sandblaster, *,
-                            seed: int = 0, on_progress: Any = None,
-                            on_shards: Any = None, partitions: int = 1) -> dict[str, Any]:
-    """Spawn a Sandblaster run's shards, replicas, evaluator and coordinator where
-    `placement` says, run it, stop them all; answers what `Run` is built from.
-    Every replica receives the whole training set once (any portion can go to it).
-    `on_shards(refs, bounds)` hears of the shards once they are up. With `partitions`
-    > 1 each replica is that many `SandblasterPartition`s, each talking to the shards
-    of its own block."""
-    rows = len(data.x_train)
-    algorithm.check(model, rows, replicas)
-    layout = layout_of(model, partitions)
-    bounds = layout.shard_bounds(shards)
-    tensors = model.init_params(np.random.default_rng(seed))
-    initial = layout.flatten(tensors, dtype=next(iter(tensors.values())).dtype)
-    penalized = spans_of(layout, model.penalized())
-    shard_nodes, slot_nodes = placement.place(shards, replicas * partitions)
-    replica_nodes = [slot_nodes[i * partitions:(i + 1) * partitions] for i in range(replicas)]
-    training = placement.training_data(data.x_train, data.y_train, [[0, rows]] * replicas)
-    plain_bounds = [list(b) for b in bounds]
-    spawned: list[ActorRef] = []
-    try:
-        shard_refs = []
-        for i, (lo, hi) in enumerate(bounds):
-            local = [[max(a, lo) - lo, min(b, hi) - lo] for a, b in penalized
-                     if min(b, hi) > max(a, lo)]
-            shard_refs.append(await node.spawn(ParameterShard, node=shard_nodes[i], config={
-                "index": i, "values": initial[lo:hi], "optimizer": SGD().to_config(),
-                "threads": 1, "lbfgs": {"memory": algorithm.memory, "penalized": local}}))
-        spawned += shard_refs
-        if on_shards is not None:
-            on_shards(shard_refs, bounds)
-        replica_refs = []
-        for i in range(replicas):
-            slowdown = algorithm.slowdown[i] if i < len(algorithm.slowdown) else 1.0
-            if isinstance(layout, PartitionedLayout):
-                ref, refs = await spawn_partitioned_replica(
-                    node, i, model, replica_nodes[i], shard_refs, bounds, layout.block_bounds,
-                    {"data": training.specs[i], "slowdown": slowdown, "algorithm":
-                     Downpour(batch_size=algorithm.portion_size).to_config()},
-                    SandblasterPartition)
-                replica_refs.append(ref)
-                spawned += refs
-                continue
-            replica_refs.append(await node.spawn(SandblasterReplica, node=replica_nodes[i][0],
-                                                 config={
-                "index": i, "model": model.to_config(), "shards": shard_refs,
-                "bounds": plain_bounds, "data": training.specs[i], "slowdown": slowdown}))
-            spawned.append(replica_refs[-1])
-        evaluator = await node.spawn(Evaluator, config={
-            "model": model.to_config(), "shards": shard_refs, "bounds": plain_bounds,
-            "x_test": data.x_test, "y_test": data.y_test, "partitions": partitions})
-        spawned.append(evaluator)
-        coordinator = await node.spawn(SandblasterCoordinator, config={
-            "shards": shard_refs, "bounds": plain_bounds, "rows": rows,
-            "algorithm": algorithm.to_config(), "l2": model.l2, "on_progress": on_progress})
-        spawned.append(coordinator)
-        result: dict[str, Any] = await coordinator.ask(
-            {"op": "run", "replicas": replica_refs, "evaluator": evaluator}, timeout=None)
-        result["params"] = await evaluator.ask({"op": "params"})
-        result["shards"] = await ShardClient(shard_refs, bounds).stats()
-        result["replicas"] = {i: await replica_refs[i].ask({"op": "counts"})
-                              for i in result["live"]}
-        return result
-    finally:
-        for ref in reversed(spawned):
-            with contextlib.suppress(Exception):  # a node that died took its actors along
-                await node.ref(ref.node_id, SYSTEM).ask({"op": "stop", "name": ref.name},
-                                                        timeout=10)
-        training.close()
+                "live": sorted(passes.live), "live_refs": sorted(passes.live.items())}

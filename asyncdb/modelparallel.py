@@ -50,13 +50,17 @@ log = logging.getLogger("asyncdb.modelparallel")
 class Partition(Replica):
     """Partition `part` of `parts` of replica `index`. `peers` are all the replica's
     partitions (itself included), `shards` and `bounds` the shards holding this
-    partition's block, bounds counted from the block's start."""
+    partition's block, bounds counted from the block's start; `shard_ids` their
+    indices among the run's shards."""
 
     def __init__(self, index: int, part: int, parts: int, peers: list[ActorRef],
                  model: dict[str, Any], shards: list[ActorRef], bounds: list[list[int]],
                  data: dict[str, Any], algorithm: dict[str, Any], seed: int = 0,
-                 exchange_timeout: float | None = 300.0, generation: int = 0) -> None:
+                 exchange_timeout: float | None = 300.0, generation: int = 0,
+                 shard_ids: list[int] | None = None) -> None:
         whole = Model.from_config(model)
+        # which of the run's shards hold this block (`shards` are those, in order)
+        self.shard_ids = list(range(len(shards))) if shard_ids is None else shard_ids
         self.part, self.parts = part, parts
         self.shares = [whole.partition(q, parts) for q in range(parts)]
         self.share = self.shares[part]
@@ -432,6 +436,7 @@ async def spawn_partitioned_replica(
         ref = await node.spawn(kind or Partition, name=names[p], node=nodes[p], config={
             **config, "index": index, "part": p, "parts": parts, "peers": peers,
             **({"generation": generation} if generation else {}),
+            "shard_ids": mine,
             "model": model.to_config(), "shards": [shards[i] for i in mine],
             "bounds": [[bounds[i][0] - lo, bounds[i][1] - lo] for i in mine]})
         spawned.append(ref)

@@ -104,43 +104,57 @@ class Checkpointer:
         self.latest: dict[int, ShardCheckpoint] = {}
         self.seconds = 0.0
         self.taken = 0
+        self.round = 0  # rounds taken, numbered on from a resumed run's
         # The run's own state (plain data), read before the shards are: what it says
         # is done is in every shard checkpoint of the same round. Saved only when
         # every shard was checkpointed.
         self.state: Callable[[], dict[str, Any]] | None = None
 
-    async def take(self) -> None:
-        """Checkpoint every shard that answers; a shard that does not keeps its last."""
+    async def take(self, whole: bool = False) -> None:
+        """Checkpoint every shard that answers; a shard that does not keeps its last.
+        With `whole`, a round is all or nothing: if one shard fails, its error is
+        raised and every shard keeps its last checkpoint (they stay one round)."""
         began = time.perf_counter()
         state = None if self.state is None else self.state()
         results = await asyncio.gather(
             *(self.client.checkpoint_shard(i) for i in range(len(self.client))),
             return_exceptions=True)
         copied = time.perf_counter()
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if whole and failed:
+            raise failed[0]
         taken: dict[int, ShardCheckpoint] = {}
         for i, result in enumerate(results):
             if isinstance(result, BaseException):
                 log.info("shard %d not checkpointed this time: %r", i, result)
                 continue
             self.latest[i] = taken[i] = result
+        self.round += 1
         if self.store is not None:  # encoding, checksum and fsync in a thread
             await asyncio.to_thread(self._write, taken,
                                     state if len(taken) == len(results) else None)
         ended = time.perf_counter()
         self.taken += 1
         self.seconds += ended - began
-        self.events.record("checkpoint", shards=sorted(taken),
+        self.events.record("checkpoint", shards=sorted(taken), round=self.round,
                            copy_seconds=round(copied - began, 4),
                            write_seconds=round(ended - copied, 4))
 
     def _write(self, taken: dict[int, ShardCheckpoint], state: dict[str, Any] | None) -> None:
+        """Shards first, then the run's state: a state on disk finds its round's shards."""
         assert self.store is not None
         for i, saved in taken.items():
             arrays = {"values": saved.values,
                       **{f"state.{k}": v for k, v in saved.state.items()}}
-            self.store.save(f"shard-{i}", arrays, {"version": saved.version})
+            self.store.save(f"shard-{i}", arrays, {"version": saved.version,
+                                                   "round": self.round})
         if state is not None:
-            self.store.save("run", {}, state)
+            self.store.save("run", {}, {**state, "round": self.round})
+
+    async def restore(self) -> None:
+        """Put every shard back to its latest checkpoint (one round, after `take`
+        with `whole`)."""
+        await self.client.restore([self.latest[i] for i in range(len(self.client))])
 
     def saved(self, index: int) -> ShardCheckpoint:
         """Shard `index`'s latest checkpoint, from memory or from the store."""
@@ -159,9 +173,11 @@ class Checkpointer:
             await self.take()
 
 
-def load_shard(store: CheckpointStore, index: int) -> ShardCheckpoint:
-    """Shard `index`'s newest usable checkpoint in `store`."""
-    arrays, meta = store.load(f"shard-{index}")
+def load_shard(store: CheckpointStore, index: int, round_: int | None = None
+               ) -> ShardCheckpoint:
+    """Shard `index`'s newest usable checkpoint in `store` (of round `round_`, if given)."""
+    arrays, meta = store.load(f"shard-{index}", None if round_ is None
+                              else lambda meta: meta.get("round") == round_)
     if "values" not in arrays or not isinstance(meta.get("version"), int):
         raise CheckpointError(f"shard {index}'s checkpoint in {store.directory} is malformed")
     state = {k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}

@@ -12,13 +12,14 @@ the first result counts. Replicas fetch the point once per pass, compute each
 portion's gradient sum, and push accumulated sums every few portions with the pass
 and portion ids, so a shard counts every portion exactly once.
 
-This module holds the settings, the replica, the evaluator and the pass scheduler.
+This module holds the settings, the replica and the evaluator; `passes.py` the pass
+scheduler, `lbfgs.py` the coordinator and `sandblaster_run.py` a run's set-up and
+recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,12 +32,11 @@ from asyncdb.models import Model
 from . import codec
 from .actor import Actor, ActorRef
 from .data import inline_spec, open_arrays
-from .errors import ActorDead, ChannelClosed, ConfigError, Timeout, TrainingFailed
+from .errors import ConfigError
 from .params import ParameterLayout, layout_of, tensors_of
 from .registry import register_actor
 from .shard_client import ShardClient
 from .system import PeerPolicy
-from .workqueue import Lease, WorkQueue
 
 log = logging.getLogger("asyncdb.sandblaster")
 
@@ -123,9 +123,10 @@ def wire_bytes(message: Any) -> int:
 class SandblasterReplica(Actor):
     """One model replica of a Sandblaster run. Messages (from the coordinator):
 
-    portion pass, vector, kind, portion, rows, verdict, push_every
+    portion pass, vector, kind, portion, rows, verdict, push_every[, shards]
         -> {"loss_sum", "examples", "pushed"}: computes the portion's gradient sum
-        (kind "grad", held until the coordinator's verdict) or loss sum ("loss")
+        (kind "grad", held until the coordinator's verdict) or loss sum ("loss");
+        a replica's first portion of a pass names the shards (re-created ones change)
     flush pass, verdict -> {"pushed"}: pushes what it accumulated
     counts -> its counters
     """
@@ -211,8 +212,11 @@ class SandblasterReplica(Actor):
             self._apply(message.get("verdict", []))
             if len(self.accum_ids) >= int(message.get("push_every", 1)):
                 pushed = await self._push()
-        else:  # a new pass: fetch its point once
+        else:  # a new pass: fetch its point once (from re-created shards, if any)
             self._start_pass(pass_id)
+            shards = message.get("shards")
+            if shards is not None and shards != self.client.shards:
+                self.client = ShardClient(shards, self.client.bounds)
             await self.client.fetch(self.params, vector=str(message["vector"]))
             self.counts["fetches"] += 1
         lo, hi = (int(r) for r in message["rows"])
@@ -240,11 +244,11 @@ class Evaluator(Actor):
 
     network_spawn = False  # lives on the driver's node
 
-    def __init__(self, model: dict[str, Any], shards: list[ActorRef], bounds: list[list[int]],
-                 x_test: np.ndarray, y_test: np.ndarray, partitions: int = 1) -> None:
+    def __init__(self, model: dict[str, Any], client: ShardClient, x_test: np.ndarray,
+                 y_test: np.ndarray, partitions: int = 1) -> None:
         self.model = Model.from_config(model)
         self.layout = layout_of(self.model, partitions)
-        self.client = ShardClient(shards, bounds)
+        self.client = client  # the run's: re-created shards are swapped into it
         self.x_test, self.y_test = x_test, y_test
         self.dtype = next(iter(self.model.init_params(np.random.default_rng(0)).values())).dtype
 
@@ -255,223 +259,3 @@ class Evaluator(Actor):
         if message.get("op") == "evaluate":
             return self.model.accuracy(tensors_of(self.layout, flat), self.x_test, self.y_test)
         raise ConfigError(f"evaluator: unknown op {message.get('op')!r}")
-
-
-class Changes:
-    """Wakes everyone waiting when something changed (a result, a loss, a busy
-    replica). No lock: the waiters and notifiers share one event loop, so a waiter
-    that checked its condition cannot miss the notification that follows."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
-
-
-class Passes:
-    """Runs passes over the batch: portions through a work queue to the replicas,
-    gradients accumulated on the shards exactly once. Lost replicas are dropped."""
-
-    def __init__(self, shards: ShardClient, replicas: list[ActorRef], rows: int,
-                 settings: Sandblaster, meter: Any) -> None:
-        self.shards = shards
-        self.live = dict(enumerate(replicas))
-        self.lost: list[int] = []
-        self.settings = settings
-        self.meter = meter
-        size = settings.portion_size
-        self.portions = [(lo, min(lo + size, rows)) for lo in range(0, rows, size)]
-        self.pass_id = 0
-        self.totals = {"backups_issued": 0, "backups_used": 0, "duplicates": 0,
-                       "reissued": 0, "taken_back": 0, "passes": 0}
-        self.portions_per_replica = dict.fromkeys(self.live, 0)
-        self.seconds: dict[int, float] = {}  # each replica's latest time for a portion
-
-    async def run(self, kind: str, vector: str, target: str | None = None) -> float:
-        """The batch's loss sum at `vector` ("x" or "xt"); with `target` ("g" or "gt")
-        its gradient sum is accumulated there on the shards."""
-        self.pass_id += 1
-        self.totals["passes"] += 1
-        n = len(self.portions)
-        if target is not None:
-            await self.shards.begin(self.pass_id, n, target)
-        losses: dict[int, float] = {}
-        units: list[int] = list(range(n))
-        push_every = self.settings.push_every
-        while units:
-            queue = WorkQueue(units, backups=self.settings.backup_tasks,
-                              lease_seconds=self.settings.lease_seconds)
-            await self._drain(queue, kind, vector, push_every, losses)
-            units = await self.shards.missing(self.pass_id) if target is not None else []
-            if units:
-                log.warning("pass %d: shards miss portions %s; doing them again",
-                            self.pass_id, units)
-            push_every = 1  # portions pushed again go one by one: none is counted twice
-        return sum(losses[u] for u in range(n))
-
-    async def _drain(self, queue: WorkQueue, kind: str, vector: str, push_every: int,
-                     losses: dict[int, float]) -> None:
-        """Until every portion is settled. A replica still busy on a portion whose
-        backup already counted is not waited for: its ask is dropped, and what it
-        holds is found on the shards or done again by the others (`_unstick`)."""
-        changed = Changes()
-        busy: set[int] = set()
-        feeders = [asyncio.ensure_future(self._feed(r, queue, kind, vector, push_every,
-                                                    losses, changed, busy))
-                   for r in list(self.live)]
-        running = set(feeders)
-        try:
-            while not queue.done and running:
-                for task in [t for t in running if t.done()]:
-                    running.discard(task)
-                    if task.exception() is not None:  # a feeder that failed fails the pass
-                        raise task.exception()  # type: ignore[misc]
-                if self._stuck(queue, busy):
-                    await self._unstick(queue, busy, kind, changed)
-                    continue
-                if not any(task.done() for task in running):
-                    await changed.wait()
-        finally:
-            for task in feeders:
-                task.cancel()
-            await asyncio.gather(*feeders, return_exceptions=True)
-        stats = queue.stats
-        for key in ("backups_issued", "backups_used", "duplicates", "reissued"):
-            self.totals[key] += getattr(stats, key)
-        if kind == "grad":  # loss-only portions are not counted here
-            for r in self.portions_per_replica:
-                self.portions_per_replica[r] += stats.finished_by[r]
-        if not queue.done:
-            raise TrainingFailed(f"every replica was lost (pass {self.pass_id}); "
-                                 f"lost: {self.lost}")
-
-    @staticmethod
-    def _stuck(queue: WorkQueue, busy: set[int]) -> bool:
-        """Every portion has a result, and the only ones not yet durable are held by
-        replicas busy with something else (a straggler's superseded copy)."""
-        held = {queue.holder[u] for u in queue.holder}
-        return queue.drained and bool(held) and held <= busy
-
-    async def _unstick(self, queue: WorkQueue, busy: set[int], kind: str,
-                       changed: Changes) -> None:
-        """Settle what the shards already counted; give back what a busy replica still
-        holds, for the idle ones to do again (a late push of it is a duplicate the
-        shards drop)."""
-        if kind == "grad":
-            missing = set(await self.shards.missing(self.pass_id))
-            for unit, holder in list(queue.holder.items()):
-                if unit not in missing:
-                    queue.settle(holder, [unit])
-        for holder in {queue.holder[u] for u in queue.holder} & busy:
-            back = queue.lose(holder)
-            self.totals["taken_back"] += len(back)
-        changed.notify()
-
-    async def _ask(self, r: int, message: dict[str, Any]) -> Any:
-        reply = await self.live[r].ask(message)
-        self.meter(reply)
-        return reply
-
-    async def _feed(self, r: int, queue: WorkQueue, kind: str, vector: str,
-                    push_every: int, losses: dict[int, float],
-                    changed: Changes, busy: set[int]) -> None:
-        try:
-            await self._feed_loop(r, queue, kind, vector, push_every, losses, changed, busy)
-        finally:  # ended, failed or lost: the drain looks again
-            changed.notify()
-
-    async def _feed_loop(self, r: int, queue: WorkQueue, kind: str, vector: str,
-                         push_every: int, losses: dict[int, float],
-                         changed: Changes, busy: set[int]) -> None:
-        verdict: list[list[Any]] = []
-        taken = 0  # a replica's first portion of a pass is always given: it times it again
-        try:
-            while not queue.done:
-                queue.expire()
-                lease = queue.take(r) if not taken or self._in_time(r, queue) else None
-                if lease is None:
-                    if verdict or queue.unsettled(r):
-                        reply = await self._ask(r, {"op": "flush", "pass": self.pass_id,
-                                                    "verdict": verdict})
-                        verdict = []
-                        queue.settle(r, reply["pushed"])
-                        changed.notify()
-                        continue
-                    await self._wait(queue, changed)
-                    continue
-                # near the end of a pass (less left than a round of accumulating for
-                # everyone) results are pushed at once: nobody sits on counted portions
-                every = 1 if len(queue.pending) < len(self.live) * push_every else push_every
-                taken += 1
-                began = queue.clock()
-                reply = await self._busy(r, busy, changed, self._portion(
-                    lease, kind, vector, every, verdict))
-                self.seconds[r] = queue.clock() - began
-                verdict = []
-                queue.settle(r, reply["pushed"])
-                if queue.finish(lease):
-                    losses[lease.unit] = float(reply["loss_sum"])
-                    if kind == "grad":
-                        verdict.append([lease.unit, True])
-                    else:
-                        queue.settle(r, [lease.unit])
-                elif kind == "grad":
-                    verdict.append([lease.unit, False])
-                changed.notify()
-        except (ChannelClosed, ActorDead, Timeout) as exc:  # the replica or its node is gone
-            self._lose(r, queue, exc)
-            changed.notify()
-
-    def _in_time(self, r: int, queue: WorkQueue) -> bool:
-        """With backups on, a replica's next portion of a pass (or backup copy) goes to
-        it only if its last portion took less than the others would need to finish
-        theirs and do what is left (at least twice their mean): a straggler waits for
-        the next pass instead of holding work the others must copy. The fastest
-        replica always qualifies, so nothing is left undone."""
-        mine = self.seconds.get(r)
-        others = [self.seconds[o] for o in self.live if o != r and o in self.seconds]
-        if not self.settings.backup_tasks or mine is None or not others:
-            return True
-        rounds = -(-len(queue.pending) // len(others))  # what is left, shared out
-        return mine < max(2, rounds + 1) * sum(others) / len(others)
-
-    async def _busy(self, r: int, busy: set[int], changed: Changes,
-                    message: dict[str, Any]) -> Any:
-        """Ask replica `r` for a portion, marked busy meanwhile (the drain may stop
-        waiting for it)."""
-        busy.add(r)
-        changed.notify()
-        try:
-            return await self._ask(r, message)
-        finally:
-            busy.discard(r)
-
-    def _portion(self, lease: Lease, kind: str, vector: str, push_every: int,
-                 verdict: list[list[Any]]) -> dict[str, Any]:
-        lo, hi = self.portions[lease.unit]
-        return {"op": "portion", "pass": self.pass_id, "vector": vector, "kind": kind,
-                "portion": lease.unit, "rows": [lo, hi], "verdict": verdict,
-                "push_every": push_every}
-
-    async def _wait(self, queue: WorkQueue, changed: Changes) -> None:
-        deadline = queue.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - queue.clock())
-        await changed.wait(timeout)  # on timeout a lease is late: expire() re-issues it
-
-    def _lose(self, r: int, queue: WorkQueue, exc: BaseException) -> None:
-        back = queue.lose(r)
-        self.live.pop(r, None)
-        if r not in self.lost:
-            self.lost.append(r)
-        log.warning("replica %d lost in pass %d (%s: %s); portions %s go to the others; "
-                    "%d replicas left", r, self.pass_id, type(exc).__name__, exc, back,
-                    len(self.live))
-        if not self.live:
-            raise TrainingFailed(f"every replica was lost (pass {self.pass_id})") from exc
-

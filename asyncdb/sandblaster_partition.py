@@ -23,6 +23,7 @@ import numpy as np
 from .errors import ConfigError
 from .modelparallel import Partition
 from .registry import register_actor
+from .shard_client import ShardClient
 
 
 @register_actor("asyncdb.SandblasterPartition")
@@ -33,9 +34,10 @@ class SandblasterPartition(Partition):
     def __init__(self, index: int, part: int, parts: int, peers: list[Any],
                  model: dict[str, Any], shards: list[Any], bounds: list[list[int]],
                  data: dict[str, Any], algorithm: dict[str, Any], seed: int = 0,
-                 slowdown: float = 1.0) -> None:
+                 slowdown: float = 1.0, shard_ids: list[int] | None = None,
+                 generation: int = 0) -> None:
         super().__init__(index, part, parts, peers, model, shards, bounds, data,
-                         algorithm, seed)
+                         algorithm, seed, generation=generation, shard_ids=shard_ids)
         dtype = next(iter(self.model.init_params(np.random.default_rng(0)).values())).dtype
         size = self.layout.size
         self.params = np.zeros(size, dtype)
@@ -98,8 +100,13 @@ class SandblasterPartition(Partition):
             self._apply(message.get("verdict", []))
             if len(self.accum_ids) >= int(message.get("push_every", 1)):
                 pushed = await self._push_sums()
-        else:  # a new pass: fetch this block of its point once
+        else:  # a new pass: fetch this block of its point once (re-created shards too)
             self._start_pass(pass_id)
+            shards = message.get("shards")
+            if shards is not None:
+                mine = [shards[i] for i in self.shard_ids]
+                if mine != self.client.shards:
+                    self.client = ShardClient(mine, self.client.bounds)
             await self.client.fetch(self.params, vector=str(message["vector"]))
             self.counts["fetches"] += 1
         lo, hi = (int(r) for r in message["rows"])

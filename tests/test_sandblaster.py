@@ -12,7 +12,8 @@ import asyncdb
 from asyncdb.data import inline_arrays
 from asyncdb.models import MLP, Model, SoftmaxRegression
 from asyncdb.params import ParameterLayout
-from asyncdb.sandblaster import Passes, SandblasterReplica
+from asyncdb.passes import Passes
+from asyncdb.sandblaster import SandblasterReplica
 from asyncdb.shard_client import ShardClient
 from asyncdb.workqueue import WorkQueue
 
@@ -142,12 +143,12 @@ class KillingPasses(Passes):
         super().__init__(*args, **kwargs)
         self.victim, self.kill, self.given = victim, kill, 0
 
-    def _portion(self, lease, *args):
+    def _portion(self, lease, *args, **kwargs):
         if lease.worker == self.victim:
             self.given += 1
             if self.given == 3:
                 self.kill()
-        return super()._portion(lease, *args)
+        return super()._portion(lease, *args, **kwargs)
 
 
 @pytest.mark.slow
@@ -272,6 +273,7 @@ async def test_bad_runs_are_refused_and_start_nothing(digits):
 
 @pytest.mark.slow
 async def test_a_replica_dying_every_iteration_ends_the_run_with_a_clear_error(digits):
+    """With no restarts allowed, each killed replica is lost for the run."""
     model = SoftmaxRegression(64, 10, l2=0.01, dtype="float64")
     async with asyncdb.Cluster.local(shards=1, replicas=3) as cluster:
         victims = list(cluster.nodes.ids[1:])
@@ -284,7 +286,7 @@ async def test_a_replica_dying_every_iteration_ends_the_run_with_a_clear_error(d
 
         with pytest.raises(asyncdb.TrainingFailed, match="every replica was lost"):
             await asyncio.wait_for(cluster.train(
-                model, digits, epochs=None, on_progress=kill_one,
+                model, digits, epochs=None, on_progress=kill_one, max_restarts=0,
                 algorithm=asyncdb.Sandblaster(iterations=20, portion_size=128)), 120)
         assert killed == [0, 1, 2]
 

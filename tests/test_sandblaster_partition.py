@@ -14,7 +14,7 @@ from asyncdb.data import inline_arrays
 from asyncdb.modelparallel import spawn_partitioned_replica
 from asyncdb.models import MLP
 from asyncdb.params import PartitionedLayout
-from asyncdb.sandblaster import Passes
+from asyncdb.passes import Passes
 from asyncdb.sandblaster_partition import SandblasterPartition
 from asyncdb.shard_client import ShardClient
 

@@ -55,7 +55,10 @@ async def train(args: argparse.Namespace, data: Dataset, hidden: list[int],
           f"{args.portion_size} rows, up to {args.iterations} iterations)")
     async with cluster:
         run = await cluster.train(model, data, algorithm=algorithm, epochs=None,
-                                  seed=args.seed, on_progress=print_iteration)
+                                  seed=args.seed, on_progress=print_iteration,
+                                  checkpoint_dir=args.checkpoint_dir,
+                                  checkpoint_every=args.checkpoint_every,
+                                  max_restarts=args.max_restarts, resume=args.resume)
     final = run.final
     print(f"done in {run.seconds:.2f} s ({final['stop']}): test accuracy "
           f"{final['test_accuracy']:.4f}, loss {final['loss']:.6f}, "

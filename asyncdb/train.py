@@ -246,6 +246,12 @@ def load_data(args: argparse.Namespace, console: Console) -> datasets.Dataset:
     return datasets.load(args.data)
 
 
+def fault_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`Cluster.train`'s checkpoint and restart options from the command line."""
+    return {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every,
+            "max_restarts": args.max_restarts, "resume": args.resume}
+
+
 def _cluster(args: argparse.Namespace) -> tuple[Cluster, str]:
     if args.peers:
         from .serve import client_ssl, read_secret
@@ -341,7 +347,8 @@ async def train(args: argparse.Namespace, data: datasets.Dataset,
                                           optimizer=optimizer, epochs=args.epochs,
                                           seed=args.seed, eval_every=args.eval_every,
                                           engine=args.engine,
-                                          on_progress=dashboard.chain(console.progress))
+                                          on_progress=dashboard.chain(console.progress),
+                                          **fault_options(args))
             dashboard.finish()
         run.config["command"] = {k: v for k, v in vars(args).items() if k != "func"}
         _report(console, run, args)

@@ -83,6 +83,37 @@ def test_train_sandblaster(tmp_path):
     assert out.returncode == 1 and "portion_size" in out.stderr
 
 
+@pytest.mark.parametrize("algorithm", [
+    ["--algorithm", "sandblaster", "--portion-size", "128", "--iterations"],
+    ["--epochs"]], ids=["sandblaster", "downpour"])
+def test_train_checkpoints_and_resumes(tmp_path, algorithm):
+    """--checkpoint-dir writes checkpoints and --resume goes on from them: a Sandblaster
+    run for more iterations than it had (only those are done), a Downpour run as it
+    was (the units it owes)."""
+    ckpt = tmp_path / "ckpt"
+    common = ["train", "--inproc", "--hidden", "", "--checkpoint-every", "0.000001"]
+    out = asyncdb_cli(*common, *algorithm, "4", "--checkpoint-dir", str(ckpt),
+                      "--history", str(tmp_path / "first.json"))
+    assert out.returncode == 0, out.stderr
+    assert list(ckpt.glob("run.*.ckpt")) and list(ckpt.glob("shard-1.*.ckpt"))
+    more = "6" if algorithm[0] == "--algorithm" else "4"
+    out = asyncdb_cli(*common, *algorithm, more, "--resume", str(ckpt),
+                      "--history", str(tmp_path / "resumed.json"))
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "resumed.json").read_text())
+    [resumed] = [e for e in saved["events"] if e["event"] == "resumed"]
+    if algorithm[0] == "--algorithm":  # iterations 5 and 6 only, after the first 4
+        assert resumed["iteration"] == 4
+        assert [e["iteration"] for e in saved["history"]] == list(range(7))
+        assert "iteration    4" not in out.stdout and "iteration    5" in out.stdout
+    else:
+        assert resumed["units_left"] >= 1
+    assert saved["history"][-1]["test_accuracy"] > 0.9
+    out = asyncdb_cli(*common, *algorithm, more, "--resume", str(tmp_path / "nothing"))
+    assert out.returncode == 1 and "no checkpoint" in out.stderr
+    no_traceback(out)
+
+
 @pytest.mark.slow
 def test_train_with_partitions(tmp_path):
     history = tmp_path / "h.json"

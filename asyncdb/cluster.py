@@ -133,16 +133,20 @@ class Cluster:
         live = {node.id, *node.peers()}
         places: list[tuple[str, int | str, str]] = [("coordinator", 0, node.id)]
         places += [("shard", i, n) for i, n in enumerate(shard_nodes)]
-        if self.partitions == 1:
-            removed = [] if self._run is None else self._run.removed
-            places += [("replica", i, n) for i, n in enumerate(slot_nodes) if i not in removed]
-            if self._run is not None:  # added during the run, still in it
-                places += [("replica", i, recovery.current("replica", i).node
-                            if recovery is not None and recovery.tracks("replica", i) else n)
-                           for i, n in self._run.added.items() if i not in self._run.removed]
-        else:
-            places += [("partition", f"{i // self.partitions}.{i % self.partitions}", n)
-                       for i, n in enumerate(slot_nodes)]
+        parts = self.partitions
+        removed = [] if self._run is None else self._run.removed
+        nodes = {i: slot_nodes[i * parts:(i + 1) * parts] for i in range(self.replicas)}
+        if self._run is not None:  # added during the run
+            nodes.update({i: recovery.current("replica", i).nodes
+                          if recovery is not None and recovery.tracks("replica", i) else n
+                          for i, n in self._run.added.items()})
+        for i, where in nodes.items():
+            if i in removed:
+                continue
+            if parts == 1:
+                places.append(("replica", i, where[0]))
+            else:
+                places += [("partition", f"{i}.{p}", n) for p, n in enumerate(where)]
         return [{"role": role, "index": i, "node": n, "pid": self.placement.pid(n),
                  "host": self.placement.host(n), "alive": n in live}
                 for role, i, n in places]
@@ -314,7 +318,7 @@ class Cluster:
         if self._run is None:
             raise ConfigError("add_peer needs a Downpour run in progress")
         run = self._run
-        run.check_elastic()
+        run.check_elastic(peer=True)
         peer = await placement.add_peer(url)
         return await run.add_replicas(replicas, node=peer)
 

@@ -87,7 +87,7 @@ class DownpourRun:
         self.versions: dict[int, int] = {}  # shard -> highest version an evaluation saw
         self.partitions_of: dict[int, list[ActorRef]] = {}  # replica -> its actors now
         self.rows: TrainingData | None = None
-        self.added: dict[int, str] = {}  # replicas added during the run -> their node
+        self.added: dict[int, list[str]] = {}  # replicas added during the run -> nodes
         self.removed: list[int] = []
         self.finished = False  # the run's work is over: nobody may join it any more
         self.joining = asyncio.Lock()  # held while a replica joins, so rows stay open
@@ -300,11 +300,12 @@ class DownpourRun:
 
     # -- elastic replicas --------------------------------------------------------
 
-    def check_elastic(self) -> None:
-        """`ConfigError` unless replicas can join this run now."""
+    def check_elastic(self, peer: bool = False) -> None:
+        """`ConfigError` unless replicas can join this run now (from a new peer)."""
         self._scheduler()
-        if self.partitions > 1:
-            raise ConfigError("replicas of several partitions cannot be added during a run")
+        if peer and self.partitions > 1:  # a unit's inline rows reach one partition only
+            raise ConfigError("a peer added during a run takes whole replicas; with "
+                              "partitions, add replicas on the peers already connected")
 
     def _scheduler(self) -> UnitScheduler:
         coordinator = self.coordinator
@@ -316,12 +317,10 @@ class DownpourRun:
 
     async def add_replicas(self, n: int, node: str | None = None) -> list[int]:
         """`n` more replicas, on `node` or each on a node of its own where the
-        placement makes nodes; they take units from the run's queue at once. Their
-        indices."""
+        placement makes nodes (with partitions, a node per partition); they take units
+        from the run's queue at once. Their indices."""
         if n < 1:
             raise ConfigError(f"add_replicas needs n >= 1, got {n}")
-        if self.partitions > 1:
-            raise ConfigError("replicas of several partitions cannot be added during a run")
         scheduler = self._scheduler()
         assert self.rows is not None
         if self.rows.everywhere:
@@ -336,15 +335,18 @@ class DownpourRun:
         for _ in range(n):
             async with self.joining:
                 self._scheduler()  # the run may have ended meanwhile
-                where = node or await self.placement.add_node()
+                # a node per partition (all on `node`, a peer, when given)
+                nodes = [node or await self.placement.add_node()
+                         for _ in range(self.partitions)]
                 index = len(scheduler.refs)
-                ref = await self._spawn_replica(index, [where], spec, 0)
+                ref = await self._spawn_replica(index, nodes, spec, 0)
                 if self.recovery is not None:
-                    self.recovery.track("replica", index, where, ref,
-                                        self._respawn(index, spec))
+                    self.recovery.track("replica", index, nodes[0], ref,
+                                        self._respawn(index, spec), nodes)
                 assert scheduler.add(ref) == index
-                self.added[index] = where
-                self.events.record("joined", role="replica", index=index, node=where)
+                self.added[index] = nodes
+                self.events.record("joined", role="replica", index=index, node=nodes[0],
+                                   nodes=nodes)
                 added.append(index)
         return added
 

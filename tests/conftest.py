@@ -48,3 +48,15 @@ async def cluster():
     async with asyncdb.Node("driver", ask_timeout=20) as node, \
             asyncdb.LocalNodes(node, 2, ring_bytes=1 << 20) as nodes:
         yield node, nodes
+
+
+@pytest.fixture
+def three_peers(tmp_path):
+    """Three `asyncdb serve` processes on 127.0.0.1 that accept each other."""
+    from test_ws import Serve
+
+    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1")
+             for name in ("peer-a", "peer-b", "peer-c")]
+    yield peers
+    for peer in peers:
+        peer.stop()

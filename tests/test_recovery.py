@@ -163,17 +163,6 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_checkpoints(tmp_path):
     assert float(accuracy) >= clean_accuracy - 0.02
 
 
-@pytest.fixture
-def three_peers(tmp_path):
-    from test_ws import Serve
-
-    peers = [Serve(tmp_path, name, "--peers", "127.0.0.1")
-             for name in ("peer-a", "peer-b", "peer-c")]
-    yield peers
-    for peer in peers:
-        peer.stop()
-
-
 @pytest.mark.parametrize("victim", ["replica", "shard"])
 async def test_a_killed_serve_peer_does_not_lose_the_run(three_peers, victim, tmp_path):
     from test_ws import SECRET
@@ -242,6 +231,27 @@ async def test_replicas_added_during_a_run_take_units(teacher, cluster_of):
     assert int(run.replicas[1]["examples_done"]) > 0  # it took units from the queue
     examples = sum(int(r["examples_done"]) for r in run.replicas.values())
     assert examples == run.final["examples"]
+    assert run.final["test_accuracy"] > 0.6
+
+
+async def test_a_replica_of_two_partitions_added_during_a_run_takes_units(teacher):
+    under_way, on_progress = _under_way(0.3)
+    async with asyncdb.Cluster.local(shards=2, replicas=1, partitions=2) as cluster:
+        training = asyncio.create_task(cluster.train(
+            _model(), teacher, algorithm=asyncdb.Downpour(batch_size=32, unit_steps=20),
+            epochs=8, eval_every=0.1, on_progress=on_progress))
+        await asyncio.wait_for(under_way.wait(), 60)
+        assert await cluster.add_replicas(1) == [1]
+        parts = {a["index"]: a for a in cluster.describe() if a["role"] == "partition"}
+        run = await asyncio.wait_for(training, 120)
+    assert sorted(parts) == ["0.0", "0.1", "1.0", "1.1"]
+    pids = {parts[p]["pid"] for p in parts}
+    assert len(pids) == 4 and os.getpid() not in pids  # a new process per partition
+    [joined] = _events(run, "joined")
+    assert joined["nodes"] == [parts["1.0"]["node"], parts["1.1"]["node"]]
+    assert run.units["done"] == run.units["planned"]
+    assert int(run.replicas[1]["examples_done"]) > 0  # it took units from the queue
+    assert all(p["exchange_bytes"] > 0 for p in run.replicas[1]["partitions"])
     assert run.final["test_accuracy"] > 0.6
 
 

@@ -131,10 +131,66 @@ async def test_a_frozen_process_is_killed_and_its_actors_re_created(teacher, cle
     _same_end(run, clean)
 
 
+@pytest.mark.parametrize("victim", ["replica", "shard"])
+async def test_a_killed_serve_peer_does_not_lose_the_run(teacher, clean, three_peers, victim):
+    from test_ws import SECRET
+
+    names = [p.name for p in three_peers]
+    async with asyncdb.Cluster.connect([p.url for p in three_peers], SECRET, shards=2,
+                                       replicas=2, heartbeat=1.0) as cluster:
+        where = {(a["role"], a["index"]): a["node"] for a in cluster.describe()}
+        target = where[(victim, 1)]  # and whatever else that peer holds
+        killed = []
+
+        def progress(entry: dict) -> None:
+            if entry["iteration"] == 2 and not killed:
+                killed.append(target)
+                os.kill(three_peers[names.index(target)].proc.pid, signal.SIGKILL)
+        run = await asyncio.wait_for(cluster.train(
+            _model(), teacher, algorithm=_algorithm(), epochs=None, on_progress=progress,
+            checkpoint_every=1e-6), 240)
+    failure = _events(run, "failure")
+    assert len(failure) == 1 and failure[0]["node"] == target, run.events
+    lost = sorted(map(tuple, failure[0]["actors"]))
+    assert (victim, 1) in lost
+    recovered = _events(run, "recovered")
+    assert sorted((e["role"], e["index"]) for e in recovered) == lost
+    assert all(e["node"] != target for e in recovered)
+    assert bool(_events(run, "rewound")) == any(role == "shard" for role, _ in lost)
+    _same_end(run, clean)
+
+
+async def test_partitioned_replicas_go_on_with_a_re_created_shard(teacher):
+    """Each partition talks to the shards of its block: after shard 1 is re-created,
+    the partition holding it fetches and pushes there."""
+    from asyncdb.models import MLP
+
+    model = MLP([32, 16, 10], l2=0.01, dtype="float64")
+    algorithm = asyncdb.Sandblaster(iterations=6, portion_size=1000, gtol=0.0)
+    async with asyncdb.Cluster.inproc(shards=2, replicas=1, partitions=2) as cluster:
+        reference = await cluster.train(model, teacher, algorithm=algorithm, epochs=None)
+    async with asyncdb.Cluster.local(shards=2, replicas=1, partitions=2) as cluster:
+        shard = next(a for a in cluster.describe() if a["role"] == "shard" and a["index"] == 1)
+        killed = []
+
+        def progress(entry: dict) -> None:
+            if entry["iteration"] == 2 and not killed:
+                killed.append(shard["pid"])
+                os.kill(shard["pid"], signal.SIGKILL)
+        run = await asyncio.wait_for(cluster.train(
+            model, teacher, algorithm=algorithm, epochs=None, on_progress=progress,
+            checkpoint_every=1e-6), 240)
+    assert [(e["role"], e["index"]) for e in _events(run, "recovered")] == [("shard", 1)]
+    assert [e["iteration"] for e in _events(run, "rewound")] == [1]
+    for entry in run.history:
+        assert entry["loss"] == pytest.approx(
+            reference.history[entry["iteration"]]["loss"], rel=1e-9)
+    assert run.final["iteration"] == 6
+
+
 DRIVER = """
 import sys
 import asyncdb
-from asyncdb.checkpoint import read_checkpoint
 from asyncdb.models import SoftmaxRegression
 
 async def main():
@@ -143,7 +199,7 @@ async def main():
     async with asyncdb.Cluster.local(shards=2, replicas=2) as cluster:
         run = await cluster.train(
             SoftmaxRegression(32, 10, l2=0.01, dtype="float64"), data, epochs=None,
-            algorithm=asyncdb.Sandblaster(iterations=%d, portion_size=256, gtol=0.0),
+            algorithm=asyncdb.Sandblaster(iterations=ITERATIONS, portion_size=256, gtol=0.0),
             checkpoint_dir=directory, checkpoint_every=1e-6, resume=resume,
             on_progress=lambda e: print("iteration", e["iteration"], repr(e["loss"]),
                                         flush=True))
@@ -153,7 +209,7 @@ async def main():
 
 if __name__ == "__main__":
     asyncdb.run(main())
-""" % ITERATIONS
+""".replace("ITERATIONS", str(ITERATIONS))
 
 
 @pytest.mark.timeout(300)
@@ -180,7 +236,7 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_rounds(tmp_path, clean):
     resumed = subprocess.run([sys.executable, str(script), str(ckpt), str(ckpt)],
                              capture_output=True, text=True, timeout=240, check=True)
     final = [line for line in resumed.stdout.splitlines() if line.startswith("final")]
-    _word, iteration, loss, accuracy, resumed_at = final[0].split()
+    _word, iteration, _loss, accuracy, resumed_at = final[0].split()
     assert int(resumed_at) == older["iteration"] >= 8  # the round before the damaged one
     assert "unusable" in resumed.stderr  # the damaged file was reported, then passed over
     printed = {int(line.split()[1]): float(line.split()[2])

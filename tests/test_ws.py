@@ -312,6 +312,7 @@ def secret_file(tmp: Path, secret: bytes = SECRET) -> Path:
 
 class Serve:
     def __init__(self, tmp: Path, name: str, *extra: str, nofile: int | None = None) -> None:
+        self.name = name
         python = [sys.executable, "-m", "asyncdb"]
         if nofile is not None:  # a low descriptor limit in the serve process alone
             python = [sys.executable, "-c", "import resource, sys; "

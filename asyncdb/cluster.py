@@ -299,10 +299,10 @@ class Cluster:
     async def add_replicas(self, n: int = 1) -> list[int]:
         """Add `n` replicas to the Downpour run in progress (call it while `train`
         runs, from another task): each gets a node process of its own under
-        `Cluster.local` (the driver's node in-process) and takes units from the run's
-        queue at once. Returns their indices; `run.events` records them as "joined".
-        `ConfigError` without a run in progress, with partitions, or on a placement
-        that cannot add nodes (`Cluster.connect` for now)."""
+        `Cluster.local` (one per partition with `partitions`; the driver's node
+        in-process) and takes units from the run's queue at once. Returns their
+        indices; `run.events` records them as "joined". `ConfigError` without a run in
+        progress, or on `Cluster.connect` (use `add_peer`)."""
         if self._run is None:
             raise ConfigError("add_replicas needs a Downpour run in progress")
         return await self._run.add_replicas(n)
@@ -311,7 +311,7 @@ class Cluster:
         """Under `Cluster.connect`, during a Downpour run: connect the `asyncdb serve`
         peer at `url` (same secret), link it to every live peer and start `replicas`
         replicas there, which take units from the run's queue at once (each unit they
-        do carries its rows). Returns their indices."""
+        do carries its rows). Returns their indices. Not for partitioned runs."""
         placement = self.placement
         if not isinstance(placement, RemotePeers):
             raise ConfigError("add_peer is for Cluster.connect; use add_replicas here")

@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .errors import AsyncDBError, ConfigError
+from .errors import AsyncDBError, ConfigError, RunError
 from .loop import run
+from .runs import save_partial
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,7 +80,13 @@ def _train(args: argparse.Namespace) -> int:
 
     console = Console()
     data = load_data(args, console)
-    _, code = run(train(args, data, console))
+    try:
+        _, code = run(train(args, data, console))
+    except RunError as exc:  # the run could not go on: keep what it did
+        if exc.history:
+            path = save_partial(args.save, exc)
+            print(f"asyncdb train: the history so far is in {path}", file=sys.stderr)
+        raise
     return code
 
 

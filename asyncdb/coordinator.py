@@ -26,6 +26,7 @@ from .errors import (
     ActorDead,
     ChannelClosed,
     ConfigError,
+    RunError,
     Timeout,
     TrainingDiverged,
     UpdateRejected,
@@ -241,6 +242,8 @@ class Coordinator(Actor):
                 assert error is not None
                 if isinstance(error, UpdateRejected):
                     raise self._diverged(f"a push was refused: {error}") from error
+                if isinstance(error, RunError) and not error.history:
+                    raise type(error)(str(error), self.history) from error
                 raise error
         finally:
             for task in tasks:

@@ -32,6 +32,7 @@ __all__ = [
     "MessageTooLarge",
     "RecoveryFailed",
     "RemoteTraceback",
+    "RunError",
     "Timeout",
     "TrainingDiverged",
     "TrainingFailed",
@@ -79,14 +80,19 @@ class UpdateRejected(AsyncDBError, ValueError):
     Inf; the shard's parameters are left as they were."""
 
 
-class TrainingDiverged(AsyncDBError):
-    """Raised by `Cluster.train` when a run diverges: the replicas' loss turns NaN or
-    Inf or grows past a hundred times its first value, or a shard refuses a push whose
-    update would overflow. `history` holds the run's evaluations so far."""
+class RunError(AsyncDBError):
+    """A run that could not go on; `history` holds its entries so far (evaluations,
+    or Sandblaster's iterations), which `asyncdb train` saves before it exits."""
 
     def __init__(self, message: str, history: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.history = list(history or [])
+
+
+class TrainingDiverged(RunError):
+    """Raised by `Cluster.train` when a run diverges: the replicas' loss turns NaN or
+    Inf or grows past a hundred times its first value, or a shard refuses a push whose
+    update would overflow. `history` holds the run's evaluations so far."""
 
 
 class ConfigError(AsyncDBError, ValueError):
@@ -94,7 +100,7 @@ class ConfigError(AsyncDBError, ValueError):
     option, a layout that does not match the model."""
 
 
-class RecoveryFailed(AsyncDBError):
+class RecoveryFailed(RunError):
     """Raised to a run whose failed shard cannot be brought back (restarts used up,
     no node left to put it on, no usable checkpoint): the run stops with its history."""
 
@@ -134,7 +140,7 @@ def error_from_remote(info: dict[str, str]) -> AsyncDBError:
     return error
 
 
-class TrainingFailed(AsyncDBError):
+class TrainingFailed(RunError):
     """Raised by `Cluster.train` when a run cannot go on: every replica was lost, or
     the shards refused the run's state."""
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .actor import Actor, ActorRef
-from .errors import CheckpointError, TrainingFailed
+from .errors import CheckpointError, RunError, TrainingFailed
 from .linesearch import Step, StrongWolfe
 from .passes import LOST, Passes, ShardsRestored, shard_generations
 from .recovery import Checkpointer, Events, Recovery
@@ -190,13 +190,21 @@ class SandblasterCoordinator(Actor):
         last = None if self.saved is None else self.saved.elapsed
         self.started = began - (last or 0.0)
         self.checkpointed = time.perf_counter()
+        point = None
         while True:
             try:
                 point = await self._start(passes, evaluator)
                 stop = await self._iterate(point, passes, evaluator)
                 break
             except (ShardsRestored, *LOST) as exc:
-                await self._rewind(passes, exc)
+                try:
+                    await self._rewind(passes, exc)
+                except RunError as error:  # the run cannot go on: with its history
+                    raise type(error)(str(error), [] if point is None
+                                      else point.history) from error
+            except RunError as error:
+                raise type(error)(str(error), [] if point is None else point.history) \
+                    from error
         if point.history[-1].get("test_accuracy") is None:
             point.history[-1]["test_accuracy"] = await evaluator.ask({"op": "evaluate"})
         return self._summary(point, passes, time.perf_counter() - self.started, stop)

@@ -25,7 +25,7 @@ import numpy as np
 from asyncdb.models import Model
 
 from .datasets import Preprocessing
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 
 Params = dict[str, np.ndarray]
 
@@ -87,6 +87,17 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def save_partial(directory: str | Path | None, error: RunError) -> Path:
+    """Write the history of a run that failed (`error.history`, the error) to
+    `directory`/history.json (default: a new runs/train-<time>-<pid>/); its path."""
+    path = Path(directory if directory is not None else unique_dir("runs")) / "history.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"history": error.history, "failed": True,
+                       "error": f"{type(error).__name__}: {error}",
+                       "asyncdb_version": _version()})
+    return path
 
 
 def unique_dir(parent: str | Path = "runs", prefix: str = "train") -> Path:

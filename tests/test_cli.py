@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -112,6 +114,37 @@ def test_train_checkpoints_and_resumes(tmp_path, algorithm):
     out = asyncdb_cli(*common, *algorithm, more, "--resume", str(tmp_path / "nothing"))
     assert out.returncode == 1 and "no checkpoint" in out.stderr
     no_traceback(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", [["--algorithm", "sandblaster", "--iterations", "400"],
+                                       ["--epochs", "200"]], ids=["sandblaster", "downpour"])
+def test_a_run_that_cannot_recover_fails_in_one_line_and_keeps_its_history(tmp_path,
+                                                                            algorithm):
+    """Every node process killed and no restarts allowed: a shard cannot come back."""
+    proc = subprocess.Popen([sys.executable, "-m", "asyncdb", "train", *algorithm,
+                             "--max-restarts", "0", "--save", str(tmp_path / "run"),
+                             "--eval-every", "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        for line in proc.stdout:  # a few iterations, or a few evaluations (bar refreshes)
+            if line.startswith("iteration    3") or "ex/s" in line:
+                break
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    assert "RecoveryFailed" in err and "Traceback" not in err
+    assert f"the history so far is in {tmp_path / 'run' / 'history.json'}" in err
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert saved["failed"] and saved["history"] and "RecoveryFailed" in saved["error"]
 
 
 @pytest.mark.slow

@@ -192,6 +192,11 @@ class RingReader:
         self.inbox: deque[Frame | DecodeError] = deque()
         self.stats = {"frames_received": 0, "in_place": 0, "copied": 0, "streamed": 0}
 
+    def pending(self) -> bool:
+        """Whether the writer wrote past where this side has read (nothing published:
+        the writer is not asked to signal)."""
+        return bool(self._ctl[self._r + HEAD] != self._read_pos)
+
     def idle(self) -> bool:
         """Say where this side stopped reading, then check whether the writer wrote
         since: True when it is safe to sleep until the writer's signal."""

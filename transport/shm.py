@@ -24,6 +24,7 @@ import contextlib
 import mmap
 import os
 import socket
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,10 @@ from .ring import DIRECTION_WORDS, RECORD_BYTES, RingReader, RingWriter
 CONTROL_BYTES = 4096
 DEFAULT_RING_BYTES = 32 << 20
 MIN_RING_BYTES = 4096
+# Before sleeping on its eventfd a reader polls for up to this long, yielding to the
+# loop, when frames have lately come this close together (a reply due, a burst): a
+# frame that comes meanwhile costs neither side a wake-up. 0 turns polling off.
+DEFAULT_POLL_SECONDS = 100e-6
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,12 @@ class ShmChannel(Channel):
 
     scheme = "shm"
 
-    def __init__(self, end: ShmEndpoint, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, end: ShmEndpoint, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
         self._loop = asyncio.get_running_loop()
+        self.poll_seconds = poll_seconds
+        self._gap = float("inf")  # moving average of the waits for a frame, seconds
+        self._idle_since = 0.0
         self._end = end
         self.ring_bytes = ring = end.ring_bytes
         self.max_frame_bytes = max_frame_bytes
@@ -154,12 +163,15 @@ class ShmChannel(Channel):
         waiter = self._recv_waiter
         if self._handler is not None and waiter is not None and not waiter.done():
             # `pump` sleeps: hand the frames over from here, a task switch sooner.
+            self._waited(time.perf_counter() - self._idle_since)
             while True:
                 self._deliver()
-                if self._later is not None or self._failure is not None or self.closed:
+                if self._later is not None or self._failure is not None or self.closed \
+                        or self._gap < self.poll_seconds:  # `pump` polls for the next
                     waiter.set_result(None)
                     break
                 if self.reader.idle():
+                    self._idle_since = time.perf_counter()
                     break
             self.writer.wake()
             return
@@ -243,8 +255,9 @@ class ShmChannel(Channel):
                     continue
                 if self.closed:
                     raise ChannelClosed(self._closed_reason())
-                if not self.reader.idle():
+                if await self._poll() or not self.reader.idle():
                     continue
+                self._idle_since = time.perf_counter()
                 self._recv_waiter = self._loop.create_future()
                 try:
                     await self._recv_waiter
@@ -252,6 +265,29 @@ class ShmChannel(Channel):
                     self._recv_waiter = None
         finally:
             self._handler = None
+
+    async def _poll(self) -> bool:
+        """When frames have lately come within `poll_seconds` of each other, watch the
+        ring for that long, yielding to the loop between looks (its other tasks run,
+        its other descriptors are polled), instead of sleeping: True if a frame came.
+        The reader has not said it is idle meanwhile, so the writer does not signal."""
+        limit = self.poll_seconds
+        if self._gap >= limit:
+            return False
+        reader = self.reader
+        began = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            if reader.pending() or self.closed:
+                self._waited(time.perf_counter() - began)
+                return True
+            if time.perf_counter() - began >= limit:
+                self._gap = limit  # nothing came: sleep until frames come closer again
+                return False
+
+    def _waited(self, seconds: float) -> None:
+        gap = self._gap
+        self._gap = seconds if gap == float("inf") else 0.75 * gap + 0.25 * seconds
 
     def _deliver(self) -> None:
         """Hand what the ring holds to the handler, until it is empty or the handler

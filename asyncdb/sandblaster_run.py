@@ -36,7 +36,7 @@ from .recovery import Checkpointer, Events, Recovery, RestartPolicy, load_shard
 from .sandblaster import Evaluator, Sandblaster, SandblasterReplica
 from .sandblaster_partition import SandblasterPartition
 from .shard import ParameterShard
-from .shard_client import ShardCheckpoint, ShardClient
+from .shard_client import ShardCheckpoint, ShardClient, start_shard
 from .system import SYSTEM
 
 DEFAULT_CHECKPOINT_EVERY = 10.0
@@ -171,9 +171,7 @@ class SandblasterRun:
             "index": index, "values": start.values, "optimizer": SGD().to_config(),
             "threads": 1, "lbfgs": {"memory": self.algorithm.memory, "penalized": local}})
         self.spawned.append(ref)
-        if start.state or start.version:
-            await ref.ask({"op": "restore", "values": start.values, "state": start.state,
-                           "version": start.version})
+        await start_shard(ref, start)
         return ref
 
     async def _spawn_replica(self, index: int, nodes: list[str], spec: dict[str, Any],

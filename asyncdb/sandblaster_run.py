@@ -46,8 +46,8 @@ class SandblasterRun:
     """Puts one Sandblaster run in place on `placement`'s nodes and runs it. Every
     replica receives the whole training set once (any portion can go to it). With
     `partitions` > 1 each replica is that many `SandblasterPartition`s, each talking to
-    the shards of its own block. `on_shards(refs, bounds)` hears of the shards once
-    they are up."""
+    the shards of its own block. `on_shards(client)` gets a client of the shards once
+    they are up (re-created shards are swapped into it)."""
 
     def __init__(self, node: Node, placement: Placement, shards: int, replicas: int,
                  model: Model, data: Dataset, algorithm: Sandblaster, *, seed: int = 0,
@@ -94,7 +94,7 @@ class SandblasterRun:
                                                                                   self.bounds)
             self.clients = [coordinator_client, view]
             if self.on_shards is not None:
-                self.on_shards(refs, self.bounds)
+                self.on_shards(view)
             checkpointer = None
             if self.recovery is not None or self.store is not None:
                 checkpointer = Checkpointer(view, self.store, None, self.events)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 
-def kill_9_when(script: Path, args: list[str], ready: Callable[[str], bool]) -> None:
-    """Run `script` with `args` and kill -9 it once a line of its output is `ready`
-    (or it ends)."""
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                            text=True)
+def kill_9_when(args: list[str], ready: Callable[[str], bool]) -> None:
+    """Run Python with `args` (a script and its arguments, or -m and a module) and
+    kill -9 it once a line of its output is `ready` (or it ends)."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     try:
         for line in proc.stdout:

@@ -140,7 +140,7 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_checkpoints(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     ckpt = tmp_path / "ckpt"
-    kill_9_when(script, [str(ckpt)], lambda line: (  # a few evaluations and a checkpoint
+    kill_9_when([str(script), str(ckpt)], lambda line: (  # a few evaluations and a checkpoint
         line.startswith("progress") and bool(list(ckpt.glob("run.*.ckpt")))
         and int(line.split()[1]) > 20_000))
     resumed = subprocess.run([sys.executable, str(script), str(ckpt), str(ckpt)],

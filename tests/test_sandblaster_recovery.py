@@ -220,7 +220,7 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_rounds(tmp_path, clean):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     ckpt = tmp_path / "ckpt"
-    kill_9_when(script, [str(ckpt)],
+    kill_9_when([str(script), str(ckpt)],
                 lambda line: line.startswith("iteration") and int(line.split()[1]) >= 10)
     newest = sorted(ckpt.glob("run.*.ckpt"))[-1]
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: the checksum fails

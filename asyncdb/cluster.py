@@ -20,7 +20,6 @@ from threadpoolctl import threadpool_limits
 from asyncdb.models import Model
 from asyncdb.transport import ws
 
-from .actor import ActorRef
 from .coordinator import Progress
 from .datasets import Dataset
 from .downpour import Downpour
@@ -270,8 +269,8 @@ class Cluster:
         assert self.node is not None
         layout = layout_of(model, self.partitions)
 
-        def live(shards: list[ActorRef], bounds: list[tuple[int, int]]) -> None:
-            self._live = (layout, ShardClient(shards, bounds))
+        def live(client: ShardClient) -> None:
+            self._live = (layout, client)
 
         run = SandblasterRun(self.node, self.placement, self.shards, self.replicas, model,
                              data, algorithm, seed=seed, on_progress=on_progress,

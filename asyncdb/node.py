@@ -74,7 +74,7 @@ class Node:
         self._channels: dict[str, Channel] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._hello: dict[str, asyncio.Future[Any]] = {}
-        self._pending: dict[int, tuple[asyncio.Future[Any], str, bool, Channel]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Any], str, bool]] = {}
         self._ids = itertools.count(1)
         self._names = itertools.count(1)
         self._peer_lost: list[PeerLost] = []
@@ -211,8 +211,7 @@ class Node:
             if ref.name != SYSTEM and not self.credits.try_take(ref.node_id, ref.name):
                 await _before(deadline, self.credits.take(ref.node_id, ref.name),
                               ref.name, ref.node_id)
-            self._pending[ask_id] = (future, ref.node_id, borrow, channel)
-            channel.reply_due()
+            self._pending[ask_id] = (future, ref.node_id, borrow)
         handle = None if deadline is None else self.loop.call_at(
             deadline, _expire, future, ref, timeout)
         try:
@@ -222,8 +221,8 @@ class Node:
         finally:
             if handle is not None:
                 handle.cancel()
-            if ask_id and self._pending.pop(ask_id, None) is not None:
-                channel.reply_settled()
+            if ask_id:
+                self._pending.pop(ask_id, None)
 
     def _channel(self, node_id: str) -> Channel:
         channel = self._channels.get(node_id)
@@ -355,7 +354,7 @@ class Node:
             hello.set_exception(ChannelClosed(f"node {peer} closed before saying hello"))
             hello.exception()  # retrieved here: nobody may be waiting
         self.credits.forget(peer)
-        for ask_id, (future, target, _borrow, _channel) in list(self._pending.items()):
+        for ask_id, (future, target, _borrow) in list(self._pending.items()):
             if target == peer and not future.done():
                 del self._pending[ask_id]
                 future.set_exception(ChannelClosed(f"node {peer} is gone: {error}"))
@@ -421,8 +420,7 @@ class Node:
             entry = self._pending.pop(meta[0], None) if isinstance(meta[0], int) else None
             if entry is None:
                 return None  # the asker timed out or went away
-            future, _peer, borrow, channel = entry
-            channel.reply_settled()
+            future, _peer, borrow = entry
             if future.done():
                 return None
             if kind == codec.REPLY:
@@ -471,7 +469,7 @@ class Node:
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        for future, _peer, _borrow, _channel in self._pending.values():
+        for future, _peer, _borrow in self._pending.values():
             if not future.done():
                 future.set_exception(ChannelClosed(f"node {self.id} closed"))
         self._pending.clear()

@@ -36,7 +36,7 @@ from .recovery import Checkpointer, Events, Recovery, RestartPolicy, load_shard
 from .sandblaster import Evaluator, Sandblaster, SandblasterReplica
 from .sandblaster_partition import SandblasterPartition
 from .shard import ParameterShard
-from .shard_client import ShardCheckpoint, ShardClient
+from .shard_client import ShardCheckpoint, ShardClient, start_shard
 from .system import SYSTEM
 
 DEFAULT_CHECKPOINT_EVERY = 10.0
@@ -46,8 +46,8 @@ class SandblasterRun:
     """Puts one Sandblaster run in place on `placement`'s nodes and runs it. Every
     replica receives the whole training set once (any portion can go to it). With
     `partitions` > 1 each replica is that many `SandblasterPartition`s, each talking to
-    the shards of its own block. `on_shards(refs, bounds)` hears of the shards once
-    they are up."""
+    the shards of its own block. `on_shards(client)` gets a client of the shards once
+    they are up (re-created shards are swapped into it)."""
 
     def __init__(self, node: Node, placement: Placement, shards: int, replicas: int,
                  model: Model, data: Dataset, algorithm: Sandblaster, *, seed: int = 0,
@@ -94,7 +94,7 @@ class SandblasterRun:
                                                                                   self.bounds)
             self.clients = [coordinator_client, view]
             if self.on_shards is not None:
-                self.on_shards(refs, self.bounds)
+                self.on_shards(view)
             checkpointer = None
             if self.recovery is not None or self.store is not None:
                 checkpointer = Checkpointer(view, self.store, None, self.events)
@@ -171,9 +171,7 @@ class SandblasterRun:
             "index": index, "values": start.values, "optimizer": SGD().to_config(),
             "threads": 1, "lbfgs": {"memory": self.algorithm.memory, "penalized": local}})
         self.spawned.append(ref)
-        if start.state or start.version:
-            await ref.ask({"op": "restore", "values": start.values, "state": start.state,
-                           "version": start.version})
+        await start_shard(ref, start)
         return ref
 
     async def _spawn_replica(self, index: int, nodes: list[str], spec: dict[str, Any],

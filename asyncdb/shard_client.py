@@ -31,6 +31,14 @@ class ShardCheckpoint:
     version: int
 
 
+async def start_shard(shard: ActorRef, start: ShardCheckpoint) -> None:
+    """Put a shard just spawned with `start.values` at the rest of `start` (its update
+    rule's or L-BFGS state, its version), when there is any."""
+    if start.state or start.version:
+        await shard.ask({"op": "restore", "values": start.values, "state": start.state,
+                         "version": start.version})
+
+
 class ShardClient:
     """Typed calls on a set of parameter shards holding one flat vector between them."""
 

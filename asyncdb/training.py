@@ -34,7 +34,7 @@ from .placement import InProcess, Placement, TrainingData, split_rows
 from .recovery import Checkpointer, Events, Recovery, RestartPolicy, load_shard
 from .scheduler import UnitScheduler
 from .shard import ParameterShard
-from .shard_client import ShardCheckpoint, ShardClient
+from .shard_client import ShardCheckpoint, ShardClient, start_shard
 
 DEFAULT_CHECKPOINT_EVERY = 10.0
 
@@ -229,9 +229,7 @@ class DownpourRun:
             "index": index, "values": start.values, "optimizer": self.optimizer.to_config(),
             "engine": self.options.engine, "threads": self.options.shard_threads})
         self.spawned.append(ref)
-        if start.state or start.version:
-            await ref.ask({"op": "restore", "values": start.values, "state": start.state,
-                           "version": start.version})
+        await start_shard(ref, start)
         return ref
 
     async def _spawn_replica(self, index: int, nodes: list[str], spec: dict[str, Any],

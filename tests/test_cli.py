@@ -148,6 +148,27 @@ def test_a_run_that_cannot_recover_fails_in_one_line_and_keeps_its_history(tmp_p
 
 
 @pytest.mark.slow
+def test_train_killed_with_its_driver_resumes_from_the_command_line(tmp_path):
+    """kill -9 of `asyncdb train --checkpoint-dir D` mid-run, then `--resume D`: the
+    run goes on with the units it still owed and trains as well."""
+    from processes import kill_9_when
+
+    ckpt = tmp_path / "ckpt"
+    args = ["train", "--epochs", "100", "--eval-every", "0.1", "--checkpoint-every", "0.2"]
+    kill_9_when(["-m", "asyncdb", *args, "--checkpoint-dir", str(ckpt)],
+                lambda line: "%" in line and float(line.split("%")[0].split()[-1]) > 40
+                and bool(list(ckpt.glob("run.*.ckpt"))))
+    out = asyncdb_cli(*args, "--resume", str(ckpt), "--save", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    [resumed] = [e for e in saved["events"] if e["event"] == "resumed"]
+    assert resumed["units_done"] > 0 and resumed["units_left"] > 0
+    assert saved["units"]["done"] == saved["units"]["planned"]
+    assert saved["history"][-1]["test_accuracy"] > 0.9
+    no_traceback(out)
+
+
+@pytest.mark.slow
 def test_train_with_partitions(tmp_path):
     history = tmp_path / "h.json"
     out = asyncdb_cli("train", "--partitions", "2", "--epochs", "6", "--history", str(history))

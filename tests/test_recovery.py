@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import kill_9_when
 
 import asyncdb
 from asyncdb.models import MLP
@@ -139,18 +140,9 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_checkpoints(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     ckpt = tmp_path / "ckpt"
-    first = subprocess.Popen([sys.executable, str(script), str(ckpt)],
-                             stdout=subprocess.PIPE, text=True)
-    assert first.stdout is not None
-    try:
-        for line in first.stdout:  # wait for a few evaluations and a run checkpoint
-            if line.startswith("progress") and list(ckpt.glob("run.*.ckpt")) \
-                    and int(line.split()[1]) > 20_000:
-                break
-        first.kill()
-    finally:
-        first.wait()
-        first.stdout.close()
+    kill_9_when([str(script), str(ckpt)], lambda line: (  # a few evaluations and a checkpoint
+        line.startswith("progress") and bool(list(ckpt.glob("run.*.ckpt")))
+        and int(line.split()[1]) > 20_000))
     resumed = subprocess.run([sys.executable, str(script), str(ckpt), str(ckpt)],
                              capture_output=True, text=True, timeout=300, check=True)
     final = [line for line in resumed.stdout.splitlines() if line.startswith("final")]

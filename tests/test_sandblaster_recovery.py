@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import kill_9_when
 
 import asyncdb
 from asyncdb.checkpoint import read_checkpoint
@@ -219,17 +220,8 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_rounds(tmp_path, clean):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     ckpt = tmp_path / "ckpt"
-    first = subprocess.Popen([sys.executable, str(script), str(ckpt)],
-                             stdout=subprocess.PIPE, text=True)
-    assert first.stdout is not None
-    try:
-        for line in first.stdout:
-            if line.startswith("iteration") and int(line.split()[1]) >= 10:
-                break
-        first.kill()
-    finally:
-        first.wait()
-        first.stdout.close()
+    kill_9_when([str(script), str(ckpt)],
+                lambda line: line.startswith("iteration") and int(line.split()[1]) >= 10)
     newest = sorted(ckpt.glob("run.*.ckpt"))[-1]
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: the checksum fails
     older = read_checkpoint(sorted(ckpt.glob("run.*.ckpt"))[-2])[1]

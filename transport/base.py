@@ -51,15 +51,6 @@ class Channel(ABC):
             if later is not None:
                 await later
 
-    def reply_due(self) -> None:
-        """The layer above expects one more reply on this channel (an ask went out).
-        A channel may poll for it briefly instead of sleeping; the default ignores it."""
-        return
-
-    def reply_settled(self) -> None:
-        """One reply `reply_due` announced arrived, or will not be waited for."""
-        return
-
     @abstractmethod
     async def close(self) -> None:
         """Close this end. The peer sees `ChannelClosed` after the frames already sent."""

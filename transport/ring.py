@@ -13,8 +13,8 @@ WRITER_WAITING and READER_SLEEPING. Wake-ups are signalled only on transitions: 
 writer signals when the reader said it is about to sleep (READER_SLEEPING; the writer
 clears it, so a batch of frames written while the reader wakes up costs one signal),
 the reader signals when the writer said it is waiting for space (full to not-full). A
-reader that expects data soon (a reply) may poll HEAD instead, with READER_SLEEPING
-clear, and no writer signals it.
+reader that expects frames soon may poll HEAD instead, with READER_SLEEPING clear, and
+no writer signals it.
 
 No wake-up is lost: both sides store their own word, then fence, then load the other's
 (Dekker). The reader stores READER_SLEEPING = 1, fences, loads HEAD; the writer stores
@@ -201,6 +201,10 @@ class RingReader:
         self.inbox: deque[Frame | DecodeError] = deque()
         self.stats = {"frames_received": 0, "in_place": 0, "copied": 0, "streamed": 0}
 
+    def pending(self) -> bool:
+        """Whether the writer wrote past where this side has read."""
+        return bool(self._ctl[self._r + HEAD] != self._read_pos)
+
     def idle(self) -> bool:
         """Say that this side is about to sleep, then check whether the writer wrote
         since: True when it is safe to sleep until the writer's signal."""
@@ -214,13 +218,9 @@ class RingReader:
         return False
 
     def polling(self) -> None:
-        """This side stays awake and polls `pending` (a reply is due): writers need
-        not signal. Call `idle` before sleeping again."""
+        """This side stays awake and polls `pending`: writers need not signal. Call
+        `idle` before sleeping again."""
         self._ctl[self._r + READER_SLEEPING] = 0
-
-    def pending(self) -> bool:
-        """Whether the writer has written beyond what this side has read."""
-        return bool(self._ctl[self._r + HEAD] != self._read_pos)
 
     def drain(self) -> None:
         """Move up to RECEIVE_BATCH frames from the ring into the inbox."""

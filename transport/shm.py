@@ -38,18 +38,10 @@ from .ring import DIRECTION_WORDS, RECORD_BYTES, RingReader, RingWriter
 CONTROL_BYTES = 4096
 DEFAULT_RING_BYTES = 32 << 20
 MIN_RING_BYTES = 4096
-# How long a reader that waits for a reply polls the ring before it sleeps on its
-# eventfd (ASYNCDB_SPIN_US overrides it; 0 never polls). About one round trip on the
-# machines measured: a reply that comes sooner costs the peer no signal and this side
-# no wake-up; one that comes later costs this much CPU, once per ask.
-DEFAULT_SPIN_US = 100.0
-
-
-def default_spin_us() -> float:
-    try:
-        return max(0.0, float(os.environ.get("ASYNCDB_SPIN_US", DEFAULT_SPIN_US)))
-    except ValueError:
-        return DEFAULT_SPIN_US
+# Before sleeping on its eventfd a reader polls for up to this long, yielding to the
+# loop, when frames have lately come this close together (a reply due, a burst): a
+# frame that comes meanwhile costs neither side a wake-up. 0 turns polling off.
+DEFAULT_POLL_SECONDS = 100e-6
 
 
 @dataclass(frozen=True)
@@ -109,8 +101,11 @@ class ShmChannel(Channel):
     scheme = "shm"
 
     def __init__(self, end: ShmEndpoint, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 spin_us: float | None = None) -> None:
+                 poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
         self._loop = asyncio.get_running_loop()
+        self.poll_seconds = poll_seconds
+        self._gap = float("inf")  # moving average of the waits for a frame, seconds
+        self._idle_since = 0.0
         self._end = end
         self.ring_bytes = ring = end.ring_bytes
         self.max_frame_bytes = max_frame_bytes
@@ -135,9 +130,6 @@ class ShmChannel(Channel):
                                  (1 - end.side) * DIRECTION_WORDS, max_frame_bytes,
                                  self.leases.resolve, self._signal_peer, self._broken)
         self._wakeups_sent = 0
-        self._spin = (default_spin_us() if spin_us is None else spin_us) / 1e6
-        self._replies_due = 0
-        self._poll_until = 0.0  # perf_counter time until which the reader polls
         self._loop.add_reader(end.wake_fd, self._on_wake)
         self._loop.add_reader(end.sock_fd, self._on_sock)
 
@@ -171,13 +163,15 @@ class ShmChannel(Channel):
         waiter = self._recv_waiter
         if self._handler is not None and waiter is not None and not waiter.done():
             # `pump` sleeps: hand the frames over from here, a task switch sooner.
+            self._waited(time.perf_counter() - self._idle_since)
             while True:
                 self._deliver()
-                if (self._later is not None or self._failure is not None or self.closed
-                        or self._polling()):
+                if self._later is not None or self._failure is not None or self.closed \
+                        or self._gap < self.poll_seconds:  # `pump` polls for the next
                     waiter.set_result(None)
                     break
                 if self.reader.idle():
+                    self._idle_since = time.perf_counter()
                     break
             self.writer.wake()
             return
@@ -206,30 +200,6 @@ class ShmChannel(Channel):
         if fut is not None and not fut.done():
             fut.set_result(None)
         self.writer.wake()
-
-    # -- polling for replies ----------------------------------------------------
-
-    def reply_due(self) -> None:
-        self._replies_due += 1
-        if self._spin <= 0:
-            return
-        self._poll_until = time.perf_counter() + self._spin
-        waiter = self._recv_waiter
-        if self._handler is not None and waiter is not None and not waiter.done():
-            self.reader.polling()  # before the ask goes out: the reply need not signal
-            waiter.set_result(None)
-
-    def reply_settled(self) -> None:
-        if self._replies_due > 0:
-            self._replies_due -= 1
-
-    def _polling(self) -> bool:
-        """Whether `pump` should poll the ring rather than sleep: a reply is due and
-        this side has not polled for longer than the spin budget since it was asked."""
-        if self._replies_due and time.perf_counter() < self._poll_until:
-            self.reader.polling()
-            return True
-        return False
 
     # -- sending and receiving --------------------------------------------------
 
@@ -285,11 +255,9 @@ class ShmChannel(Channel):
                     continue
                 if self.closed:
                     raise ChannelClosed(self._closed_reason())
-                if self._polling():
-                    await asyncio.sleep(0)  # let the loop run, then look at the ring again
+                if await self._poll() or not self.reader.idle():
                     continue
-                if not self.reader.idle():
-                    continue
+                self._idle_since = time.perf_counter()
                 self._recv_waiter = self._loop.create_future()
                 try:
                     await self._recv_waiter
@@ -297,6 +265,30 @@ class ShmChannel(Channel):
                     self._recv_waiter = None
         finally:
             self._handler = None
+
+    async def _poll(self) -> bool:
+        """When frames have lately come within `poll_seconds` of each other, watch the
+        ring for that long, yielding to the loop between looks (its other tasks run,
+        its other descriptors are polled), instead of sleeping: True if a frame came.
+        The reader's sleeping flag is clear meanwhile, so the writer does not signal."""
+        limit = self.poll_seconds
+        if self._gap >= limit:
+            return False
+        reader = self.reader
+        reader.polling()  # awake: a frame that comes meanwhile need not be signalled
+        began = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            if reader.pending() or self.closed:
+                self._waited(time.perf_counter() - began)
+                return True
+            if time.perf_counter() - began >= limit:
+                self._gap = limit  # nothing came: sleep until frames come closer again
+                return False
+
+    def _waited(self, seconds: float) -> None:
+        gap = self._gap
+        self._gap = seconds if gap == float("inf") else 0.75 * gap + 0.25 * seconds
 
     def _deliver(self) -> None:
         """Hand what the ring holds to the handler, until it is empty or the handler
@@ -353,9 +345,9 @@ class ShmChannel(Channel):
 
 async def shm_pair(ring_bytes: int = DEFAULT_RING_BYTES,
                    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                   spin_us: float | None = None) -> tuple[ShmChannel, ShmChannel]:
+                   ) -> tuple[ShmChannel, ShmChannel]:
     a, b = create_link(ring_bytes)
-    return ShmChannel(a, max_frame_bytes, spin_us), ShmChannel(b, max_frame_bytes, spin_us)
+    return ShmChannel(a, max_frame_bytes), ShmChannel(b, max_frame_bytes)
 
 
 register_transport("shm", shm_pair)

@@ -212,9 +212,8 @@ class Replica(Actor):
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
             shards = message.get("shards")
-            if shards is not None and shards != self.client.shards:  # a shard was re-created
-                self.client = ShardClient(shards, self.client.bounds)
-                self._stale = True
+            if shards is not None:
+                self._adopt(shards)
             rows = message.get("rows")
             self._unit = [int(message.get("unit", -1)), int(message.get("attempt", -1))]
             self._unit_steps = 0
@@ -278,6 +277,13 @@ class Replica(Actor):
         seconds = time.perf_counter() - began
         return {**self.counts, "seconds": seconds, "replica": self.index,
                 "generation": self.generation, "steps_done": done, "batch_size": batch}
+
+    def _adopt(self, shards: list[ActorRef]) -> None:
+        """The run's shards as they are now (the unit names them): a re-created one is
+        fetched from before the next step."""
+        if shards != self.client.shards:
+            self.client = ShardClient(shards, self.client.bounds)
+            self._stale = True
 
     def _bad_batches(self, count: int) -> None:
         if not self.counts["bad_batches"]:

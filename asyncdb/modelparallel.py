@@ -87,6 +87,10 @@ class Partition(Replica):
     def _parameter_layout(self) -> ParameterLayout:
         return ParameterLayout(self.share.param_shapes())
 
+    def _adopt(self, shards: list[ActorRef]) -> None:
+        """`shards` are all the run's: this partition talks to those of its block."""
+        super()._adopt([shards[i] for i in self.shard_ids])
+
     async def on_start(self) -> None:
         await self.node.spawn(PartitionInbox, name=f"{self.ref.name}-inbox",
                               config={"exchange": self.exchange})
@@ -305,9 +309,12 @@ class ReplicaClient:
     def __init__(self, ref: ActorRef) -> None:
         self.ref = ref
 
-    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
-        result: dict[str, Any] = await self.ref.ask(
-            {"op": "train", "start": start, "stop": stop, "steps": steps}, timeout=None)
+    async def train(self, start: int, stop: int, steps: int,
+                    shards: list[ActorRef] | None = None) -> dict[str, Any]:
+        message = {"op": "train", "start": start, "stop": stop, "steps": steps}
+        if shards is not None:
+            message["shards"] = shards
+        result: dict[str, Any] = await self.ref.ask(message, timeout=None)
         return result
 
     async def gradient(self, params: np.ndarray, x: np.ndarray,
@@ -343,7 +350,7 @@ class PartitionedReplica(Actor):
     async def receive(self, message: dict[str, Any]) -> Any:
         if message.get("op") == "train":
             return await self.train(int(message["start"]), int(message["stop"]),
-                                    int(message["steps"]))
+                                    int(message["steps"]), message.get("shards"))
         if message.get("op") == "gradient":
             return await self.gradient(message["params"], message["x"], message["y"])
         if message.get("op") == "compute":
@@ -372,9 +379,12 @@ class PartitionedReplica(Actor):
         return {"loss": results[0]["loss"],
                 "grad": np.concatenate([r["grad"] for r in results])}
 
-    async def train(self, start: int, stop: int, steps: int) -> dict[str, Any]:
+    async def train(self, start: int, stop: int, steps: int,
+                    shards: list[ActorRef] | None = None) -> dict[str, Any]:
+        """Every partition trains the unit; `shards` (all the run's, as they are now)
+        go along, so a partition whose shard was re-created finds it."""
         return self._summary(await self._together(
-            [ReplicaClient(p).train(start, stop, steps) for p in self.partitions]))
+            [ReplicaClient(p).train(start, stop, steps, shards) for p in self.partitions]))
 
     async def _together(self, calls: list[Any]) -> list[dict[str, Any]]:
         """Run one call per partition; if one fails, abort the others and raise

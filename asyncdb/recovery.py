@@ -295,6 +295,26 @@ class Recovery:
         log.warning("node %s replaced by %s in %.2f s; %s", node, fresh, seconds,
                     ", ".join(f"{s.role} {s.index}" for s in victims))
 
+    async def renew(self, role: str, index: int, reason: str) -> None:
+        """Re-create actor (role, index) where it is, as a new incarnation: its node is
+        fine, but what it holds can no longer be trusted (`reason`)."""
+        site = self.sites[(role, index)]
+        site.generation += 1
+        try:
+            site.ref = await site.respawn(site.node, site.generation)
+        except (AsyncDBError, OSError) as exc:
+            raise RecoveryFailed(f"cannot re-create {role} {index}: {exc}") from exc
+        site.changed.set()
+        site.changed = asyncio.Event()
+        self.events.record("recovered", role=role, index=index, node=site.node,
+                           generation=site.generation, reason=reason)
+
+    async def renew_all(self, role: str, reason: str) -> None:
+        """`renew` every actor of `role` still tracked."""
+        for site in list(self.sites.values()):
+            if site.role == role and self.tracks(role, site.index):
+                await self.renew(role, site.index, reason)
+
     async def close(self) -> None:
         self.closed = True
         for task in list(self._busy):

@@ -212,6 +212,8 @@ class SandblasterRun:
                     client.replace(index, ref)
                 self.events.record("restored", role="shard", index=index,
                                    version=saved.version, round=checkpointer.round)
+                if self.partitions > 1:  # partitions may have aborted in step
+                    await recovery.renew_all("replica", f"shard {index} was re-created")
                 return ref
             return respawn
 

@@ -276,6 +276,8 @@ class DownpourRun:
                 self.events.record("restored", role="shard", index=index,
                                    version=saved.version,
                                    updates_lost=max(0, seen - saved.version))
+                if self.partitions > 1:  # their partitions aborted in step: start afresh
+                    await recovery.renew_all("replica", f"shard {index} was re-created")
                 return ref
             return respawn
 

@@ -93,6 +93,26 @@ async def test_a_frozen_process_is_killed_and_replaced(teacher, victim, tmp_path
     assert run.final["test_accuracy"] > 0.6
 
 
+async def test_partitioned_replicas_go_on_with_a_re_created_shard(teacher, tmp_path):
+    """A shard's death aborts the units in flight, and with them the partitions'
+    lockstep: each partitioned replica is re-created beside the shard, and the new
+    partitions talk to the re-created shard."""
+    under_way, on_progress = _under_way(0.5)
+    async with asyncdb.Cluster.local(shards=2, replicas=2, partitions=2) as cluster:
+        shard = next(a for a in cluster.describe() if a["role"] == "shard" and a["index"] == 1)
+        training = asyncio.create_task(cluster.train(
+            _model(), teacher, algorithm=asyncdb.Downpour(batch_size=32, unit_steps=20),
+            epochs=6, eval_every=0.1, checkpoint_every=0.2, on_progress=on_progress))
+        await asyncio.wait_for(under_way.wait(), 60)
+        os.kill(shard["pid"], signal.SIGKILL)
+        run = await asyncio.wait_for(training, 180)
+    recovered = sorted((e["role"], e["index"]) for e in _events(run, "recovered"))
+    assert recovered == [("replica", 0), ("replica", 1), ("shard", 1)]
+    assert run.lost == [] and _events(run, "abandoned") == []
+    assert run.units["done"] == run.units["planned"]
+    assert run.final["test_accuracy"] > 0.6
+
+
 async def test_a_replaced_replica_generation_is_refused_by_shards():
     async with asyncdb.Node("driver") as node:
         shard = await node.spawn(asyncdb.ParameterShard, config={

@@ -162,8 +162,8 @@ async def test_a_killed_serve_peer_does_not_lose_the_run(teacher, clean, three_p
 
 
 async def test_partitioned_replicas_go_on_with_a_re_created_shard(teacher):
-    """Each partition talks to the shards of its block: after shard 1 is re-created,
-    the partition holding it fetches and pushes there."""
+    """Each partition talks to the shards of its block: after shard 1 is re-created
+    (and the replica with it), the partition holding it fetches and pushes there."""
     from asyncdb.models import MLP
 
     model = MLP([32, 16, 10], l2=0.01, dtype="float64")
@@ -181,7 +181,9 @@ async def test_partitioned_replicas_go_on_with_a_re_created_shard(teacher):
         run = await asyncio.wait_for(cluster.train(
             model, teacher, algorithm=algorithm, epochs=None, on_progress=progress,
             checkpoint_every=1e-6), 240)
-    assert [(e["role"], e["index"]) for e in _events(run, "recovered")] == [("shard", 1)]
+    # the replica is re-created too: its partitions may have aborted in step
+    assert sorted((e["role"], e["index"]) for e in _events(run, "recovered")) == \
+        [("replica", 0), ("shard", 1)]
     assert [e["iteration"] for e in _events(run, "rewound")] == [1]
     for entry in run.history:
         assert entry["loss"] == pytest.approx(

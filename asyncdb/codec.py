@@ -13,8 +13,10 @@ encodes decodes to the same message.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,8 @@ class _Codec(threading.local):
         self.plain = json.JSONEncoder(separators=(",", ":")).encode
         self.rich = json.JSONEncoder(separators=(",", ":"), default=self.default).encode
         self.decode_plain = json.JSONDecoder().decode
+        self.scan_plain: Callable[[str, int], tuple[Any, int]] = (
+            json.JSONDecoder().scan_once)  # type: ignore[attr-defined]
         self.decode_rich = json.JSONDecoder(object_hook=self.hook).decode
 
     def default(self, obj: Any) -> Any:
@@ -82,15 +86,49 @@ class _Codec(threading.local):
 _codec = _Codec()
 
 
+def _flat_json(doc: list[Any]) -> str | None:
+    """`doc` as the plain encoder writes it, when it holds only str, int, finite float,
+    bool and None (most headers and bodies), else None: no encoder call per message."""
+    parts = []
+    for item in doc:
+        kind = type(item)
+        if kind is str:
+            parts.append(encode_basestring_ascii(item))
+        elif kind is int:
+            parts.append(int.__repr__(item))
+        elif item is None:
+            parts.append("null")
+        elif kind is float and -math.inf < item < math.inf:
+            parts.append(float.__repr__(item))
+        elif kind is bool:
+            parts.append("true" if item else "false")
+        else:
+            return None
+    return "[" + ",".join(parts) + "]"
+
+
+def _decode_plain(text: str) -> Any:
+    """JSON without placeholders: the scanner straight away when the text is one
+    value and nothing else (what encoders here write), else the full decoder."""
+    try:
+        value, end = _codec.scan_plain(text, 0)
+    except StopIteration:
+        return _codec.decode_plain(text)  # raises the decoder's own error
+    return value if end == len(text) else _codec.decode_plain(text)
+
+
 def encode_message(kind: int, header: list[Any], body: Any) -> OutFrame:
     """One frame carrying `header + [body]`; raises EncodeError for what cannot travel."""
     codec = _codec
     doc = [*header, body]
     if isinstance(body, _CONTAINERS):
         _check_keys(body)
+        flat = None
+    else:
+        flat = _flat_json(doc)
     arrays: list[np.ndarray] = []
     try:
-        meta = codec.plain(doc).encode()
+        meta = (codec.plain(doc) if flat is None else flat).encode()
         flags = 0
     except TypeError:  # holds arrays, bytes or refs: encode again, collecting them
         codec.arrays = arrays
@@ -125,7 +163,7 @@ def decode_message(frame: Frame, make_ref: Callable[[str, str], Any]) -> list[An
             finally:
                 codec.arrays, codec.make_ref = [], None
         else:
-            meta = codec.decode_plain(frame.meta.decode())
+            meta = _decode_plain(frame.meta.decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DecodeError(f"{KINDS[frame.kind]} metadata is not valid JSON: {exc}") from exc
     if not isinstance(meta, list) or len(meta) != arity:

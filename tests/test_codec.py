@@ -186,3 +186,27 @@ def test_fuzz_decode_message_structured_metadata(kind, items, flags):
     got = _decode_only_raises_decode_error(kind, meta, flags, [np.arange(3, dtype=np.int32)])
     if got is not None:
         assert len(got) == len(items)  # whatever decodes keeps the frame's shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.booleans(), st.integers(), st.text(),
+                 st.floats(allow_nan=True, allow_infinity=True)), st.integers(0, 2**53))
+def test_scalar_messages_encode_as_the_json_encoder_writes_them(body, ask_id):
+    meta = codec.encode_message(codec.ASK, ["actor\u00e9\"", ask_id], body).meta
+    assert meta == json.dumps(["actor\u00e9\"", ask_id, body], separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(("meta", "want"), [
+    (b' ["a", 1] ', ["a", 1]),  # whitespace: not what we write, still JSON
+    (b'["a",NaN]', ["a", float("nan")]),
+])
+def test_plain_metadata_decodes_as_json_does(meta, want):
+    frame = parse_frame(encode_frame(codec.TELL, meta, []).to_bytes())
+    got = codec.decode_message(frame, lambda node, name: None)
+    assert json.dumps(got) == json.dumps(want)
+
+
+def test_trailing_bytes_after_the_metadata_are_a_decode_error():
+    frame = parse_frame(encode_frame(codec.TELL, b'["a",1] x', []).to_bytes())
+    with pytest.raises(DecodeError, match="not valid JSON"):
+        codec.decode_message(frame, lambda node, name: None)

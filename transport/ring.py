@@ -7,12 +7,22 @@ Each frame is written once into the ring, as records aligned to 64 bytes:
     FIRST / MIDDLE / LAST   a larger frame, streamed through the ring in pieces of a
             quarter of the ring and assembled in a pooled buffer (one copy)
 
-Each direction has four control words (u64), each on its own cache line: HEAD (bytes
-written), TAIL (bytes the writer may reuse), READ_POS (bytes the reader has looked at)
-and WRITER_WAITING. Wake-ups are signalled only on transitions: the writer signals when
-the reader had consumed everything before this write (empty to non-empty), the reader
-signals when the writer said it is waiting for space (full to not-full). Both sides
-publish their position, then fence, then read the other's, so a wake-up is never lost.
+Each direction has five control words (u64), each on its own cache line: HEAD (bytes
+written), TAIL (bytes the writer may reuse), READ_POS (bytes the reader has looked at),
+WRITER_WAITING and READER_SLEEPING. Wake-ups are signalled only on transitions: the
+writer signals when the reader said it is about to sleep (READER_SLEEPING; the writer
+clears it, so a batch of frames written while the reader wakes up costs one signal),
+the reader signals when the writer said it is waiting for space (full to not-full). A
+reader that expects frames soon may poll HEAD instead, with READER_SLEEPING clear, and
+no writer signals it.
+
+No wake-up is lost: both sides store their own word, then fence, then load the other's
+(Dekker). The reader stores READER_SLEEPING = 1, fences, loads HEAD; the writer stores
+HEAD, fences, loads READER_SLEEPING. With a full fence between each store and load, at
+least one side sees the other's store: the reader sees the new HEAD and does not sleep,
+or the writer sees the flag and signals (an eventfd write, which the sleeping reader
+wakes on). A writer that saw the flag and clears it late, after the reader re-armed it,
+signals right after its store, so the reader wakes, reads, and arms the flag again.
 
 Whole frames of 64 KiB and more are parsed in place and marked `borrowed`: their arrays
 are views into the ring, whose space is reused only once the last view is gone. Small
@@ -45,7 +55,7 @@ RECORD_BYTES = 64
 WHOLE, FIRST, MIDDLE, LAST, PAD = 1, 2, 3, 4, 5
 
 # Control words (u64) per direction, each on its own cache line.
-HEAD, TAIL, READ_POS, WRITER_WAITING = 0, 8, 16, 24
+HEAD, TAIL, READ_POS, WRITER_WAITING, READER_SLEEPING = 0, 8, 16, 24, 32
 DIRECTION_WORDS = 64
 
 _FENCE = threading.Lock()
@@ -127,14 +137,13 @@ class RingWriter:
         return pos
 
     def _write_whole(self, frame: OutFrame) -> None:
-        old_head = self._head
         nbytes = frame.nbytes
         pos = self._begin_record(nbytes)
         RECORD.pack_into(self._out, pos, nbytes, WHOLE, nbytes)
         frame.write_into(self._out[pos + RECORD_BYTES : pos + RECORD_BYTES + nbytes])
         self._head += RECORD_BYTES + align(nbytes)
         self.frames_sent += 1
-        self._publish(old_head)
+        self._publish()
 
     async def _write_pieces(self, frame: OutFrame) -> None:
         piece = self.ring_bytes // 4 - RECORD_BYTES
@@ -143,20 +152,20 @@ class RingWriter:
             stop = min(start + piece, total)
             kind = FIRST if start == 0 else LAST if stop == total else MIDDLE
             await self._wait_space(RECORD_BYTES + align(stop - start))
-            old_head = self._head
             pos = self._begin_record(stop - start)
             RECORD.pack_into(self._out, pos, stop - start, kind, total)
             body = pos + RECORD_BYTES
             frame.copy_range(start, stop, self._out[body : body + stop - start])
             self._head += RECORD_BYTES + align(stop - start)
-            self._publish(old_head)
+            self._publish()
         self.frames_sent += 1
 
-    def _publish(self, old_head: int) -> None:
+    def _publish(self) -> None:
         ctl, w = self._ctl, self._w
         ctl[w + HEAD] = self._head
         fence()
-        if ctl[w + READ_POS] == old_head:
+        if ctl[w + READER_SLEEPING]:
+            ctl[w + READER_SLEEPING] = 0
             self._signal()
 
     def close(self) -> None:
@@ -193,17 +202,25 @@ class RingReader:
         self.stats = {"frames_received": 0, "in_place": 0, "copied": 0, "streamed": 0}
 
     def pending(self) -> bool:
-        """Whether the writer wrote past where this side has read (nothing published:
-        the writer is not asked to signal)."""
+        """Whether the writer wrote past where this side has read."""
         return bool(self._ctl[self._r + HEAD] != self._read_pos)
 
     def idle(self) -> bool:
-        """Say where this side stopped reading, then check whether the writer wrote
+        """Say that this side is about to sleep, then check whether the writer wrote
         since: True when it is safe to sleep until the writer's signal."""
         ctl, r = self._ctl, self._r
         ctl[r + READ_POS] = self._read_pos
+        ctl[r + READER_SLEEPING] = 1
         fence()
-        return bool(ctl[r + HEAD] == self._read_pos)
+        if ctl[r + HEAD] == self._read_pos:
+            return True
+        ctl[r + READER_SLEEPING] = 0
+        return False
+
+    def polling(self) -> None:
+        """This side stays awake and polls `pending`: writers need not signal. Call
+        `idle` before sleeping again."""
+        self._ctl[self._r + READER_SLEEPING] = 0
 
     def drain(self) -> None:
         """Move up to RECEIVE_BATCH frames from the ring into the inbox."""

@@ -270,11 +270,12 @@ class ShmChannel(Channel):
         """When frames have lately come within `poll_seconds` of each other, watch the
         ring for that long, yielding to the loop between looks (its other tasks run,
         its other descriptors are polled), instead of sleeping: True if a frame came.
-        The reader has not said it is idle meanwhile, so the writer does not signal."""
+        The reader's sleeping flag is clear meanwhile, so the writer does not signal."""
         limit = self.poll_seconds
         if self._gap >= limit:
             return False
         reader = self.reader
+        reader.polling()  # awake: a frame that comes meanwhile need not be signalled
         began = time.perf_counter()
         while True:
             await asyncio.sleep(0)

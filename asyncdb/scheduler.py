@@ -116,6 +116,8 @@ class UnitScheduler:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         if not queue.drained and not self.stopping:
+            if self.recovery is not None:  # RecoveryFailed, if a shard is why
+                await self.recovery.settled()
             raise AllReplicasLost(f"every replica was lost with {len(queue.pending)} units "
                                   "of work left")
 
@@ -175,6 +177,9 @@ class UnitScheduler:
                                   f"(replica {replica}: {error})") from error
         if recovery is None or not recovery.tracks("replica", replica) \
                 or failures >= MAX_FAILURES:
+            if recovery is not None:  # a shard that cannot come back is the run's end
+                recovery.suspect(self.shard_nodes())
+                await recovery.settled()
             self.lost.append(replica)
             log.warning("replica %d lost (%s); training goes on with %d replicas",
                         replica, error, len(self.alive()))

@@ -121,7 +121,10 @@ def test_train_checkpoints_and_resumes(tmp_path, algorithm):
                                        ["--epochs", "200"]], ids=["sandblaster", "downpour"])
 def test_a_run_that_cannot_recover_fails_in_one_line_and_keeps_its_history(tmp_path,
                                                                             algorithm):
-    """Every node process killed and no restarts allowed: a shard cannot come back."""
+    """Every node process killed, the shards' first, and no restarts allowed: a shard
+    cannot come back, and that (not the replicas killed after it) is the error."""
+    from asyncdb.process import process_state
+
     proc = subprocess.Popen([sys.executable, "-m", "asyncdb", "train", *algorithm,
                              "--max-restarts", "0", "--save", str(tmp_path / "run"),
                              "--eval-every", "0.05"],
@@ -131,10 +134,16 @@ def test_a_run_that_cannot_recover_fails_in_one_line_and_keeps_its_history(tmp_p
         for line in proc.stdout:  # a few iterations, or a few evaluations (bar refreshes)
             if line.startswith("iteration    3") or "ex/s" in line:
                 break
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        # spawned in node order: node.0 and node.1 hold the two shards
+        children = [int(pid) for pid in
+                    Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        shards, replicas = children[:2], children[2:]
+        for group in (shards, replicas):
+            for pid in group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            while any(process_state(pid) not in ("Z", "") for pid in group):
+                time.sleep(0.001)  # until the kernel has taken them down
         _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -319,12 +319,14 @@ async def test_a_frozen_serve_peer_is_replaced_and_wakes_to_change_nothing(three
     from test_ws import SECRET
 
     data = asyncdb.datasets.load("digits")
-    under_way, on_progress = _under_way(0.5)
+    under_way, on_progress = _under_way(0.3)
     async with asyncdb.Cluster.connect([p.url for p in three_peers], SECRET, shards=1,
                                        replicas=2, heartbeat=1.0) as cluster:
+        # Long enough that replica 0 alone cannot finish while the heartbeat (1 to
+        # 1.5 s) finds the frozen peer: the new incarnation must take units after.
         training = asyncio.create_task(cluster.train(
             MLP([64, 64, 10]), data, algorithm=asyncdb.Downpour(batch_size=16, unit_steps=20),
-            optimizer=asyncdb.Adagrad(lr=0.05), epochs=30, eval_every=0.1,
+            optimizer=asyncdb.Adagrad(lr=0.05), epochs=100, eval_every=0.1,
             on_progress=on_progress))
         await asyncio.wait_for(under_way.wait(), 60)
         target = next(a["node"] for a in cluster.describe()

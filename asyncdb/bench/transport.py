@@ -3,7 +3,8 @@
 Every figure comes from one run of this command, so ratios compare like with like on a
 noisy machine: the raw references (`bench.floors`: memcpy, a copy out of memfd memory
 in a node-like process, eventfd round trips blocking and through the event loop, a
-`multiprocessing.Queue` round trip) are measured beside the actors.
+`multiprocessing.Queue` round trip) are measured beside the actors, in the same
+rounds: each ratio is the median of the ratios within a round.
 
 Bulk transfer is measured two ways. `shm_bulk`: the sender's 16 MiB arrays live in
 shared memory (`asyncdb.shared`, three buffers in turn, each reused once the receiver
@@ -40,7 +41,6 @@ from .floors import (
     eventfd_rtt_us,
     in_node_environment,
     memcpy_floor_gbps,
-    mp_queue_rtt_us,
 )
 
 BULK_RING_BYTES = 64 << 20
@@ -131,17 +131,39 @@ class Driver(Actor):
         return time.perf_counter() - start
 
 
+class Timed:
+    """A Sink on one node and a Driver on another, spawned once; each `round()` is one
+    timed loop (the first call also warms up: fresh ring pages, caches)."""
+
+    def __init__(self, node: Node, first: str, second: str, op: str, n: int, nbytes: int,
+                 copy: bool = True) -> None:
+        self.node, self.first, self.second = node, first, second
+        self.request = {"op": op, "n": n, "nbytes": nbytes}
+        self.copy = copy
+        self.refs: list[ActorRef] = []
+
+    async def __aenter__(self) -> Timed:
+        sink = await self.node.spawn(Sink, node=self.second,
+                                     config={"nbytes": self.request["nbytes"],
+                                             "copy": self.copy})
+        self.refs = [await self.node.spawn(Driver, node=self.first), sink]
+        await self.round()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ref in self.refs:
+            await self.node.ref(ref.node_id, "_system").ask({"op": "stop", "name": ref.name})
+
+    async def round(self) -> float:
+        driver, sink = self.refs
+        seconds: float = await driver.ask({**self.request, "target": sink}, timeout=300)
+        return seconds
+
+
 async def _timed(node: Node, first: str, second: str, op: str, n: int, nbytes: int,
-                 repeat: int, copy: bool = True, **options: Any) -> list[float]:
-    sink = await node.spawn(Sink, node=second, config={"nbytes": nbytes, "copy": copy})
-    driver = await node.spawn(Driver, node=first)
-    times = []
-    for _ in range(repeat + 1):  # the first round warms up (fresh ring pages, caches)
-        times.append(await driver.ask({"op": op, "n": n, "target": sink, "nbytes": nbytes,
-                                       **options}, timeout=300))
-    for ref in (driver, sink):
-        await node.ref(ref.node_id, "_system").ask({"op": "stop", "name": ref.name})
-    return times[1:]
+                 repeat: int, copy: bool = True) -> list[float]:
+    async with Timed(node, first, second, op, n, nbytes, copy) as timed:
+        return [await timed.round() for _ in range(repeat)]
 
 
 async def _n_to_n(node: Node, first: str, second: str, n: int, repeat: int) -> list[float]:
@@ -164,31 +186,39 @@ async def _n_to_n(node: Node, first: str, second: str, n: int, repeat: int) -> l
 
 async def run(repeat: int = 9, bulk_messages: int = 64, asks: int = 3000,
               tells: int = 100_000, ws_messages: int = 64) -> dict[str, Any]:
+    """Each of `repeat` rounds measures every shared-memory figure and its floors one
+    after the other, so that a figure and its reference see the machine alike (its
+    memory bandwidth, on a shared virtual machine, drifts within minutes)."""
     samples: dict[str, list[float]] = {name: [] for name in (
         "memcpy_gbps", "memfd_copy_gbps", "eventfd_rtt_us", "eventfd_loop_rtt_us",
-        "mp_queue_rtt_us", "handoff_gbps")}
+        "mp_queue_rtt_us", "handoff_gbps", "shm_bulk_gbps", "shm_bulk_copied_gbps",
+        "ask_rtt_us", "tell_msgs_per_s")}
+    bulk_bytes = bulk_messages * BULK_BYTES
     async with Node("bench") as node, LocalNodes(node, 2, ring_bytes=BULK_RING_BYTES) as nodes:
         first, second = nodes.ids
-        bulk = await _timed(node, first, second, "bulk_shared", bulk_messages, BULK_BYTES,
-                            repeat)
-        copied = await _timed(node, first, second, "bulk", bulk_messages, BULK_BYTES, repeat)
-        rtt = await _timed(node, first, second, "ask", asks, 0, repeat)
-        tell = await _timed(node, first, second, "tell", tells, 0, repeat)
-        n_to_n = await _n_to_n(node, first, second, asks // NN_ACTORS, repeat)
+        async with Timed(node, first, second, "bulk_shared", bulk_messages,
+                         BULK_BYTES) as bulk, \
+                Timed(node, first, second, "bulk", bulk_messages, BULK_BYTES) as copied, \
+                Timed(node, first, second, "ask", asks, 0) as rtt, \
+                Timed(node, first, second, "tell", tells, 0) as tell:
+            for _ in range(repeat):
+                samples["shm_bulk_gbps"].append(bulk_bytes / await bulk.round() / 1e9)
+                samples["memfd_copy_gbps"].append(in_node_environment("memfd_copy_gbps"))
+                samples["memcpy_gbps"].append(memcpy_floor_gbps())
+                samples["shm_bulk_copied_gbps"].append(
+                    bulk_bytes / await copied.round() / 1e9)
+                samples["handoff_gbps"].append(in_node_environment("handoff_gbps"))
+                samples["ask_rtt_us"].append(await rtt.round() / asks * 1e6)
+                samples["eventfd_rtt_us"].append(eventfd_rtt_us())
+                samples["eventfd_loop_rtt_us"].append(await eventfd_loop_rtt_us())
+                # in a process of its own, whose exit takes multiprocessing's
+                # resource tracker along
+                samples["mp_queue_rtt_us"].append(in_node_environment("mp_queue_rtt_us"))
+                samples["tell_msgs_per_s"].append(tells / await tell.round())
+        samples["ask_n_to_n_per_s"] = await _n_to_n(node, first, second, asks // NN_ACTORS,
+                                                    repeat)
     ws_figures = await websocket_figures(repeat, ws_messages, asks)
-    for _ in range(repeat):
-        samples["memcpy_gbps"].append(memcpy_floor_gbps())
-        samples["memfd_copy_gbps"].append(in_node_environment("memfd_copy_gbps"))
-        samples["eventfd_rtt_us"].append(eventfd_rtt_us())
-        samples["eventfd_loop_rtt_us"].append(await eventfd_loop_rtt_us())
-        samples["mp_queue_rtt_us"].append(mp_queue_rtt_us())
-        samples["handoff_gbps"].append(in_node_environment("handoff_gbps"))
     samples.update(ws_figures.pop("samples"))
-    samples["shm_bulk_gbps"] = [bulk_messages * BULK_BYTES / t / 1e9 for t in bulk]
-    samples["shm_bulk_copied_gbps"] = [bulk_messages * BULK_BYTES / t / 1e9 for t in copied]
-    samples["ask_rtt_us"] = [t / asks * 1e6 for t in rtt]
-    samples["tell_msgs_per_s"] = [tells / t for t in tell]
-    samples["ask_n_to_n_per_s"] = n_to_n
     return _figures(samples, repeat, ws_figures)
 
 
@@ -197,7 +227,9 @@ def _figures(samples: dict[str, list[float]], repeat: int,
     med = {k: statistics.median(v) for k, v in samples.items()}
 
     def ratio(a: str, b: str) -> float:
-        return round(med[a] / med[b], 3)
+        """The median of the ratios within each round (figures measured side by side)."""
+        return round(statistics.median(x / y for x, y in zip(samples[a], samples[b],
+                                                             strict=True)), 3)
 
     return {
         "memcpy_gbps": round(med["memcpy_gbps"], 3),

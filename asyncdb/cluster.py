@@ -90,7 +90,9 @@ class Cluster:
         """Nodes on other hosts, started with `asyncdb serve`, reached over websockets
         (ws:// or wss://). Shards and replicas are spread over the peers in turn; each
         replica's slice of the training data is streamed to it from the driver. A
-        replica's partitions go to consecutive peers in turn, like replicas."""
+        replica's partitions go to consecutive peers in turn, like replicas. A peer
+        silent for `heartbeat` seconds (its pulse thread answers even while its event
+        loop is busy) is lost, and its actors re-created on the others."""
         key = secret.encode() if isinstance(secret, str) else secret
         placement = RemotePeers(peers, key, ssl_context=ssl_context, heartbeat=heartbeat)
         return cls(placement, shards or max(len(peers), partitions),

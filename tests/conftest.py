@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -35,11 +36,14 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
-    """Every test leaves /dev/shm as it found it and no child process running."""
+    """Every test leaves /dev/shm as it found it, no child process running and no
+    pulse thread (it stops with the last websocket channel)."""
     shm_before = _shm_entries()
     yield
     assert _shm_entries() - shm_before == set(), "shared-memory segment left in /dev/shm"
     assert _children() == set(), "child process outlived its test"
+    pulses = [t for t in threading.enumerate() if t.name == "asyncdb-pulse"]
+    assert not pulses, "a pulse thread outlived its websocket channels"
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ async def test_garbage_before_authentication_is_refused(server):
 async def authenticated_raw(url, name):
     """A bare websocket past the handshake, and the sealer and opener of its messages."""
     session, sock = await raw_socket(url)
-    _peer, (send_key, receive_key) = await ws._client_handshake(sock, SECRET, name)
+    _peer, (send_key, receive_key), _pulse = await ws._client_handshake(sock, SECRET, name)
     return session, sock, Sealer(send_key), Opener(receive_key)
 
 
@@ -311,7 +311,8 @@ def secret_file(tmp: Path, secret: bytes = SECRET) -> Path:
 
 
 class Serve:
-    def __init__(self, tmp: Path, name: str, *extra: str, nofile: int | None = None) -> None:
+    def __init__(self, tmp: Path, name: str, *extra: str, nofile: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         python = [sys.executable, "-m", "asyncdb"]
         if nofile is not None:  # a low descriptor limit in the serve process alone
@@ -321,7 +322,8 @@ class Serve:
         self.proc = subprocess.Popen(
             [*python, "serve", "--listen", "127.0.0.1:0",
              "--secret-file", str(secret_file(tmp)), "--name", name, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=None if env is None else {**os.environ, **env})
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"(wss?)://127\.0\.0\.1:(\d+)", line)
@@ -520,3 +522,38 @@ async def test_actors_of_a_vanished_driver_are_stopped(two_peers):
         while "orphan" in (await system.ask({"op": "ping"}))["actors"]:
             assert time.monotonic() < deadline, "the vanished driver's actor still runs"
             await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def busy_peer(tmp_path):
+    """An `asyncdb serve` process that can run `tests.Busy`, which blocks its loop."""
+    peer = Serve(tmp_path, "busy", "--import", "busy_actor",
+                 env={"PYTHONPATH": str(Path(__file__).parent)})
+    yield peer
+    peer.stop()
+
+
+async def test_a_peer_busy_past_the_deadline_is_not_taken_for_frozen(busy_peer):
+    """Its event loop blocked for four deadlines: the pulse thread still answers, so
+    the channel stays open and the answer comes."""
+    async with asyncdb.Node("driver", ask_timeout=60) as node:
+        channel = await ws.connect(busy_peer.url, SECRET, node.id, heartbeat=0.5)
+        node.connect(channel.peer, channel)
+        busy = await node.spawn("tests.Busy", node="busy")
+        assert await busy.ask(2.0) == 2.0
+        assert not channel.closed and "busy" in node.peers()
+
+
+async def test_a_frozen_peer_is_lost_after_the_deadline(busy_peer):
+    async with asyncdb.Node("driver", ask_timeout=60) as node:
+        channel = await ws.connect(busy_peer.url, SECRET, node.id, heartbeat=0.5)
+        node.connect(channel.peer, channel)
+        busy = await node.spawn("tests.Busy", node="busy")
+        frozen = time.monotonic()
+        os.kill(busy_peer.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(asyncdb.ChannelClosed, match="nothing heard from busy"):
+                await busy.ask(0.0)
+            assert time.monotonic() - frozen >= 0.4  # the deadline, not before
+        finally:
+            os.kill(busy_peer.proc.pid, signal.SIGCONT)

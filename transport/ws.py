@@ -10,9 +10,14 @@ fails is disconnected (close code 4401; 4426 for another protocol version) and n
 it sent is acted on. Before authentication a server holds little for anyone: messages
 of at most `HANDSHAKE_BYTES`, `auth_timeout` seconds from accepting the connection to
 authenticating it, at most `max_pending` such connections (a newcomer pushes the
-oldest out), and what it logs of them cut short. Heartbeats find a dead peer in
-seconds; a frame over the size limit closes that connection with code 1009, a
-malformed one with 1007, each with the reason.
+oldest out), and what it logs of them cut short. A frame over the size limit closes
+that connection with code 1009, a malformed one with 1007, each with the reason.
+
+Liveness: a peer from which nothing came for `heartbeat` seconds (the deadline) is
+lost, and the channel closes with the reason. What counts is any websocket message
+(each side pings five times a deadline) and, off the event loop, the pulse thread's
+UDP pings (`transport.pulse`), whose ports the two sides name in the handshake: a
+peer busy in one long call still answers those, a frozen or vanished one does not.
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ from .errors import (
 )
 from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, OutFrame
 from .pool import BufferPool
+from .pulse import PINGS_PER_DEADLINE, Pulse, Watch, pulse_keys
 from .wsauth import Opener, Sealer, short
 
 log = logging.getLogger("asyncdb.transport.ws")
 
 PIECE_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = PIECE_BYTES + (64 << 10)
-DEFAULT_HEARTBEAT = 5.0
+DEFAULT_HEARTBEAT = 10.0  # seconds of silence after which a peer is lost
 AUTH_TIMEOUT = 10.0
 DEFAULT_MAX_PENDING = 64
 CLOSE_WAIT = 1.0  # how long a close waits for the peer's close frame
@@ -72,7 +78,10 @@ class WsChannel(Channel):
 
     def __init__(self, ws: Socket, peer: str, keys: Keys,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_close: Callable[[], Awaitable[None]] | None = None, *,
+                 client: bool = True, heartbeat: float | None = DEFAULT_HEARTBEAT,
+                 pulse: Pulse | None = None,
+                 pulse_address: tuple[str, int] | None = None) -> None:
         self.ws = ws
         self.peer = peer
         self.max_frame_bytes = max_frame_bytes
@@ -84,11 +93,69 @@ class WsChannel(Channel):
         self._closed = False
         self._reason = ""
         self._on_close = on_close
-        self._done = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        self._pulse: Pulse | None = None
+        self._watch: Watch | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        if heartbeat is not None:
+            self._watch_liveness(keys, client, heartbeat, pulse, pulse_address)
+        elif pulse is not None:
+            pulse.release()
 
     @property
     def closed(self) -> bool:
         return self._closed or self.ws.closed
+
+    # -- liveness -----------------------------------------------------------------
+
+    def _watch_liveness(self, keys: Keys, client: bool, deadline: float,
+                        pulse: Pulse | None, address: tuple[str, int] | None) -> None:
+        """Hand the channel to `pulse` (this channel's reference to it, released on
+        close), which pings `address` if the peer named one; keep websocket pings
+        going. Without a pulse thread, a deadline on websocket traffic is all there is."""
+        channel, send_key, receive_key = pulse_keys(keys[0], keys[1],
+                                                    keys[0] if client else keys[1])
+        if pulse is not None:
+            self._pulse = pulse
+            self._watch = pulse.watch(Watch(self.peer, channel, send_key, receive_key,
+                                            address, deadline, self._silent_from_thread))
+        self._spawn(self._keep_alive(deadline / PINGS_PER_DEADLINE))
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_alive(self, interval: float) -> None:
+        """A websocket ping now and then: traffic that keeps an idle channel alive
+        where UDP pulses do not get through."""
+        while not self.closed:
+            await asyncio.sleep(interval)
+            try:
+                await self.ws.ping()
+            except (ConnectionError, RuntimeError):
+                return  # closing: the reader says why
+
+    def _silent_from_thread(self, reason: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to tell
+            self._loop.call_soon_threadsafe(self._on_silent, reason)
+
+    def _on_silent(self, reason: str) -> None:
+        if self._closed:
+            return
+        log.warning("websocket to %s: %s; closing it", short(self.peer), reason)
+        self._spawn(self._drop(reason))
+
+    async def _drop(self, reason: str) -> None:
+        await self._finish(f"({reason})")  # first: a pending receive raises with this
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code=1001, message=b"peer silent"),
+                                   CLOSE_WAIT)
+
+    def _heard(self) -> None:
+        if self._watch is not None:
+            self._watch.touch()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._done)
@@ -112,8 +179,14 @@ class WsChannel(Channel):
             if self._closed:
                 raise ChannelClosed(f"websocket to {self.peer} is closed {self._reason}".rstrip())
             message = await self.ws.receive()
+            self._heard()
             if message.type == aiohttp.WSMsgType.BINARY:
                 await self._take(message.data)
+            elif message.type == aiohttp.WSMsgType.PING:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.pong(message.data)
+            elif message.type == aiohttp.WSMsgType.PONG:
+                pass
             elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                                   aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                 extra = message.extra if message.type != aiohttp.WSMsgType.ERROR else message.data
@@ -148,6 +221,14 @@ class WsChannel(Channel):
             return
         self._closed = True
         self._reason = reason
+        if self._pulse is not None:
+            if self._watch is not None:
+                self._pulse.forget(self._watch)
+            self._pulse.release()
+            self._pulse = None
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
         if not self._done.done():
             self._done.set_result(None)  # first: the server's handler ends on this
         if self._on_close is not None:
@@ -164,24 +245,27 @@ async def _text(ws: Socket, timeout: float) -> str:
 
 
 async def _server_handshake(ws: web.WebSocketResponse, secret: bytes,
-                            node: str) -> tuple[str, str, str]:
-    """Challenge the client and check its answer; (peer, challenge, nonce)."""
+                            node: str) -> tuple[str, str, str, int | None]:
+    """Challenge the client and check its answer; (peer, challenge, nonce, the
+    client's pulse port if it named one)."""
     challenge = secrets.token_hex(32)
     await ws.send_str(json.dumps({"asyncdb": wsauth.PROTOCOL, "challenge": challenge,
                                   "node": node}))
-    peer, nonce, proof = wsauth.parse(await _text(ws, AUTH_TIMEOUT), "node", "nonce",
-                                      "proof", version=True)
+    hello = await _text(ws, AUTH_TIMEOUT)
+    peer, nonce, proof = wsauth.parse(hello, "node", "nonce", "proof", version=True)
     wsauth.check_name(peer)
     wsauth.check_nonce(nonce)
     expected = wsauth.proof(secret, "client", challenge, nonce, peer)
     if not secrets.compare_digest(proof, expected):
         raise AuthenticationError(f"peer calling itself {short(peer)!r} failed the challenge")
-    return peer, challenge, nonce
+    return peer, challenge, nonce, wsauth.port_field(hello, "pulse")
 
 
 async def _client_handshake(ws: aiohttp.ClientWebSocketResponse, secret: bytes,
-                            node: str) -> tuple[str, Keys]:
-    """Answer the server's challenge and check its proof; (peer, keys)."""
+                            node: str, pulse: int | None = None
+                            ) -> tuple[str, Keys, int | None]:
+    """Answer the server's challenge (naming our pulse port) and check its proof;
+    (peer, keys, the server's pulse port if it named one)."""
     try:
         challenge, peer = wsauth.parse(await _text(ws, AUTH_TIMEOUT), "challenge", "node",
                                        version=True)
@@ -190,9 +274,11 @@ async def _client_handshake(ws: aiohttp.ClientWebSocketResponse, secret: bytes,
         raise
     wsauth.check_name(peer)
     nonce = secrets.token_hex(32)
-    await ws.send_str(json.dumps({
-        "asyncdb": wsauth.PROTOCOL, "node": node, "nonce": nonce,
-        "proof": wsauth.proof(secret, "client", challenge, nonce, node)}))
+    hello = {"asyncdb": wsauth.PROTOCOL, "node": node, "nonce": nonce,
+             "proof": wsauth.proof(secret, "client", challenge, nonce, node)}
+    if pulse is not None:
+        hello["pulse"] = str(pulse)
+    await ws.send_str(json.dumps(hello))
     message = await ws.receive(timeout=AUTH_TIMEOUT)
     if message.type != aiohttp.WSMsgType.TEXT:
         if ws.close_code == CLOSE_VERSION:
@@ -203,25 +289,28 @@ async def _client_handshake(ws: aiohttp.ClientWebSocketResponse, secret: bytes,
                                                       peer)):
         raise AuthenticationError(f"server {peer!r} failed the challenge")
     to_server, to_client = wsauth.session_keys(secret, challenge, nonce, peer, node)
-    return peer, (to_server, to_client)
+    return peer, (to_server, to_client), wsauth.port_field(message.data, "pulse")
 
 
 async def connect(url: str, secret: bytes, node: str, *,
                   ssl_context: ssl.SSLContext | None = None,
-                  heartbeat: float = DEFAULT_HEARTBEAT,
+                  heartbeat: float | None = DEFAULT_HEARTBEAT,
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> WsChannel:
-    """Open an authenticated channel to the node serving at `url` (ws:// or wss://)."""
+    """Open an authenticated channel to the node serving at `url` (ws:// or wss://);
+    `heartbeat`: its liveness deadline in seconds (None: none)."""
     if not url.rstrip("/").endswith(PATH):
         url = url.rstrip("/") + PATH
+    pulse = _acquire_pulse(heartbeat)
     session = aiohttp.ClientSession()
     try:
-        ws = await session.ws_connect(url, heartbeat=heartbeat, compress=0,
+        ws = await session.ws_connect(url, heartbeat=None, compress=0,
                                       max_msg_size=MAX_MESSAGE_BYTES,
                                       ssl=ssl_context if ssl_context is not None else True,
-                                      autoping=True)
+                                      autoping=False)
         try:
-            peer, keys = await asyncio.wait_for(_client_handshake(ws, secret, node),
-                                                AUTH_TIMEOUT)
+            peer, keys, peer_pulse = await asyncio.wait_for(
+                _client_handshake(ws, secret, node, None if pulse is None else pulse.port),
+                AUTH_TIMEOUT)
         except (AuthenticationError, TimeoutError) as exc:
             await ws.close()
             if isinstance(exc, AuthenticationError):
@@ -229,11 +318,34 @@ async def connect(url: str, secret: bytes, node: str, *,
             raise AuthenticationError(f"no handshake from {url} in {AUTH_TIMEOUT:g} s") from exc
     except BaseException as exc:
         await session.close()
+        if pulse is not None:
+            pulse.release()
         if isinstance(exc, aiohttp.ClientError | OSError) and not isinstance(
                 exc, AuthenticationError):
             raise ChannelClosed(f"cannot connect to {url}: {exc}") from exc
         raise
-    return WsChannel(ws, peer, keys, max_frame_bytes, on_close=session.close)
+    return WsChannel(ws, peer, keys, max_frame_bytes, on_close=session.close, client=True,
+                     heartbeat=heartbeat, pulse=pulse, pulse_address=_address(ws, peer_pulse))
+
+
+def _acquire_pulse(heartbeat: float | None) -> Pulse | None:
+    """This process's pulse thread, for a channel with a deadline (None: no deadline,
+    or no UDP socket to be had, which leaves websocket traffic alone to judge)."""
+    if heartbeat is None:
+        return None
+    try:
+        return Pulse.acquire()
+    except OSError as exc:
+        log.warning("no pulse thread (%s): liveness rests on websocket traffic", exc)
+        return None
+
+
+def _address(ws: Socket, port: int | None) -> tuple[str, int] | None:
+    """Where the peer's pulse thread listens: its side of this connection, that port."""
+    peername = ws.get_extra_info("peername")
+    if port is None or not peername:
+        return None
+    return str(peername[0]), port
 
 
 Accept = Callable[[str, WsChannel], Awaitable[None]]
@@ -328,7 +440,7 @@ def _lift_message_limit(ws: web.WebSocketResponse, request: web.BaseRequest,
 
 
 def make_server(secret: bytes, node: str, on_channel: Accept, *,
-                heartbeat: float = DEFAULT_HEARTBEAT,
+                heartbeat: float | None = DEFAULT_HEARTBEAT,
                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                 auth_timeout: float = AUTH_TIMEOUT,
                 max_pending: int = DEFAULT_MAX_PENDING) -> Gate:
@@ -338,11 +450,11 @@ def make_server(secret: bytes, node: str, on_channel: Accept, *,
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         if request.path != PATH or request.method != "GET":
             return web.Response(status=404)
-        ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False,
+        ws = web.WebSocketResponse(heartbeat=None, autoping=False, compress=False,
                                    max_msg_size=wsauth.HANDSHAKE_BYTES)
         await ws.prepare(request)
         try:
-            peer, challenge, nonce = await asyncio.wait_for(
+            peer, challenge, nonce, peer_pulse = await asyncio.wait_for(
                 _server_handshake(ws, secret, node), auth_timeout)
         except (AuthenticationError, TimeoutError, asyncio.CancelledError) as exc:
             code = CLOSE_VERSION if isinstance(exc, VersionMismatch) else CLOSE_AUTH
@@ -355,9 +467,19 @@ def make_server(secret: bytes, node: str, on_channel: Accept, *,
         to_server, to_client = wsauth.session_keys(secret, challenge, nonce, node, peer)
         _lift_message_limit(ws, request, MAX_MESSAGE_BYTES)
         gate.admit(request.protocol)
-        await ws.send_str(json.dumps({
-            "proof": wsauth.proof(secret, "server", challenge, nonce, node)}))
-        channel = WsChannel(ws, peer, (to_client, to_server), max_frame_bytes)  # send, receive
+        answer = {"proof": wsauth.proof(secret, "server", challenge, nonce, node)}
+        pulse = _acquire_pulse(heartbeat)
+        if pulse is not None:
+            answer["pulse"] = str(pulse.port)
+        try:
+            await ws.send_str(json.dumps(answer))
+        except BaseException:
+            if pulse is not None:
+                pulse.release()
+            raise
+        channel = WsChannel(ws, peer, (to_client, to_server), max_frame_bytes,  # send, receive
+                            client=False, heartbeat=heartbeat, pulse=pulse,
+                            pulse_address=_address(ws, peer_pulse))
         await on_channel(peer, channel)
         await channel.wait_closed()
         return ws
@@ -388,7 +510,7 @@ def bound_port(runner: web.BaseRunner) -> int:
 
 
 async def ws_pair(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                  heartbeat: float = DEFAULT_HEARTBEAT) -> tuple[WsChannel, WsChannel]:
+                  heartbeat: float | None = DEFAULT_HEARTBEAT) -> tuple[WsChannel, WsChannel]:
     """Two ends of a websocket over loopback, in this process (tests, benchmarks)."""
     secret = secrets.token_bytes(32)
     accepted: asyncio.Future[WsChannel] = asyncio.get_running_loop().create_future()

@@ -83,6 +83,19 @@ def parse(text: Any, *names: str, version: bool = False) -> list[str]:
     return fields  # type: ignore[return-value]
 
 
+def port_field(text: Any, name: str) -> int | None:
+    """An optional port number (a decimal string) in a handshake message that `parse`
+    has already accepted; None when absent or not a port (peers without it still
+    connect)."""
+    try:
+        value = json.loads(text).get(name)
+    except (TypeError, ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(value, str) and value.isdigit() and 0 < int(value) < 65536:
+        return int(value)
+    return None
+
+
 def check_nonce(nonce: str) -> str:
     if not _HEX.fullmatch(nonce):
         raise AuthenticationError("a handshake nonce is 64 hex digits")

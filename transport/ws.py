@@ -26,10 +26,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import resource
 import secrets
 import ssl
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,7 +35,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http_websocket import WebSocketReader
-from aiohttp.web_protocol import RequestHandler
 
 from . import wsauth
 from .base import Channel, register_transport
@@ -52,6 +49,7 @@ from .frame import DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, OutFrame
 from .pool import BufferPool
 from .pulse import PINGS_PER_DEADLINE, Pulse, Watch, pulse_keys
 from .wsauth import Opener, Sealer, short
+from .wsgate import Gate
 
 log = logging.getLogger("asyncdb.transport.ws")
 
@@ -351,81 +349,6 @@ def _address(ws: Socket, port: int | None) -> tuple[str, int] | None:
 Accept = Callable[[str, WsChannel], Awaitable[None]]
 
 
-class _Throttled:
-    """Log at most one line per `period` seconds, counting the ones left out."""
-
-    def __init__(self, period: float = 1.0) -> None:
-        self.period = period
-        self._last = -period
-        self._skipped = 0
-
-    def warning(self, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < self.period:
-            self._skipped += 1
-            return
-        if self._skipped:
-            text += f" (and {self._skipped} more since the last such line)"
-        self._last, self._skipped = now, 0
-        log.warning(text, *args)
-
-
-class Gate(web.Server):
-    """aiohttp's server, minding connections that are not authenticated yet: each has
-    `auth_timeout` seconds from its accept (HTTP headers and handshake included), and
-    beyond `max_pending` of them the oldest is dropped to make room."""
-
-    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-                 *, auth_timeout: float, max_pending: int, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.auth_timeout = auth_timeout
-        self.max_pending = max(1, min(max_pending, _fd_budget()))
-        self._pending: dict[RequestHandler, asyncio.TimerHandle] = {}
-        self._log = _Throttled()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        while len(self._pending) >= self.max_pending:
-            self._drop(next(iter(self._pending)), f"over {self.max_pending} connections "
-                       "waiting to authenticate")
-        self._pending[handler] = asyncio.get_running_loop().call_later(
-            self.auth_timeout, self._drop, handler,
-            f"not authenticated within {self.auth_timeout:g} s")
-
-    def connection_lost(self, handler: RequestHandler,
-                        exc: BaseException | None = None) -> None:
-        timer = self._pending.pop(handler, None)
-        if timer is not None:
-            timer.cancel()
-        super().connection_lost(handler, exc)
-
-    def admit(self, handler: RequestHandler) -> None:
-        """`handler`'s connection is authenticated: no deadline, not pending."""
-        timer = self._pending.pop(handler, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _drop(self, handler: RequestHandler, why: str) -> None:
-        self.admit(handler)
-        transport = handler.transport
-        if transport is not None:
-            self._log.warning("dropped a connection from %s: %s",
-                              short(transport.get_extra_info("peername"), 60), why)
-            transport.abort()
-
-
-def _fd_budget() -> int:
-    """How many pending connections this process's descriptor limit leaves room for."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 30
-    return max(4, (soft - 64) // 2)
-
-
 def _lift_message_limit(ws: web.WebSocketResponse, request: web.BaseRequest,
                         limit: int) -> None:
     """Give an authenticated connection the full message size: a new websocket parser
@@ -458,7 +381,7 @@ def make_server(secret: bytes, node: str, on_channel: Accept, *,
                 _server_handshake(ws, secret, node), auth_timeout)
         except (AuthenticationError, TimeoutError, asyncio.CancelledError) as exc:
             code = CLOSE_VERSION if isinstance(exc, VersionMismatch) else CLOSE_AUTH
-            gate._log.warning("refused %s: %s", request.remote,
+            gate.throttled.warning("refused %s: %s", request.remote,
                               short(exc, 200) if str(exc) else "no answer to the challenge")
             with contextlib.suppress(Exception):
                 reason = str(exc) if code == CLOSE_VERSION else "authentication failed"

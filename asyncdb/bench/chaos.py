@@ -103,12 +103,14 @@ async def _inject(cluster: Cluster, training: asyncio.Task[Run], settings: Setti
                 return
 
 
-def _detections(run: Run, report: dict[str, Any]) -> list[float]:
+def _detections(run: Run, report: dict[str, Any], kind: str | None = None) -> list[float]:
+    """Seconds from each signal (of `kind` only, if given) to its failure event."""
     failures = [e for e in run.events if e["event"] == "failure"]
     out = []
     for signal_, failure in zip(report["signals"], failures, strict=False):
-        sent = signal_["time"] - signal_["epoch"]
-        out.append(max(0.0, failure["time"] - sent))
+        if kind is None or signal_["signal"] == kind:
+            sent = signal_["time"] - signal_["epoch"]
+            out.append(max(0.0, failure["time"] - sent))
     return out
 
 
@@ -187,6 +189,9 @@ async def run(settings: Settings | None = None) -> dict[str, Any]:
         "chaos_test_accuracy": chaos.final["test_accuracy"],
         "accuracy_gap": round(clean.final["test_accuracy"] - chaos.final["test_accuracy"], 4),
         "detection_seconds": _stats(_detections(chaos, report)),
+        # a death the kernel reports (pidfd) against a freeze the deadline finds
+        "detection_seconds_kill": _stats(_detections(chaos, report, "SIGKILL")),
+        "detection_seconds_stop": _stats(_detections(chaos, report, "SIGSTOP")),
         "recovery_seconds": _stats(recovery_seconds),
         "examples_planned": chaos.units.get("planned", 0) * unit_examples,
         "units_done": chaos.units.get("done"),

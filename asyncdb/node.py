@@ -217,6 +217,7 @@ class Node:
         try:
             if ask_id:
                 await channel.send(frame)
+                channel.expect()  # the reply: a transport may watch for it
             return await future
         finally:
             if handle is not None:

@@ -54,6 +54,47 @@ async def test_a_polling_reader_is_not_signalled():
         await b.close()
 
 
+async def test_an_expected_reply_is_polled_for_and_costs_the_peer_no_signal():
+    """`expect` (an ask went out) turns a sleeping pump into a polling one: the reply
+    that comes meanwhile is written without an eventfd signal."""
+    end_a, end_b = create_link(64 << 10)
+    a = ShmChannel(end_a, poll_seconds=10.0)  # polls long enough for any machine
+    b = ShmChannel(end_b, poll_seconds=0)
+    got: asyncio.Queue = asyncio.Queue()
+    pump = asyncio.create_task(a.pump(got.put_nowait))
+    try:
+        await b.send(frame(0))  # a sleeps, so this one is signalled
+        assert int((await got.get()).meta) == 0
+        signalled = b.stats["wakeups_sent"]
+        a.expect()  # a reply is due from b
+        give_up = time.monotonic() + 30
+        while a.reader.sleeping() and time.monotonic() < give_up:
+            await asyncio.sleep(0)  # until a's pump polls (its sleeping flag clear)
+        await b.send(frame(1))
+        assert int((await got.get()).meta) == 1
+        assert b.stats["wakeups_sent"] == signalled
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        await a.close()
+        await b.close()
+
+
+async def test_a_signalled_reader_learns_how_long_its_wake_up_took():
+    end_a, end_b = create_link(64 << 10)
+    a, b = ShmChannel(end_a, poll_seconds=0), ShmChannel(end_b, poll_seconds=0)
+    try:
+        assert b.reader.wake_latency() == 0.0  # never signalled
+        assert b.reader.idle()
+        before = time.monotonic()
+        await a.send(frame(0))
+        assert int((await b.receive()).meta) == 0
+        assert 0.0 <= b.reader.wake_latency() <= time.monotonic() - before
+    finally:
+        await a.close()
+        await b.close()
+
+
 # Echoes every frame back; receives through `receive` (its own sleep and wake-ups).
 _ECHO = """
 import asyncio, json, random, sys, time

@@ -51,6 +51,11 @@ class Channel(ABC):
             if later is not None:
                 await later
 
+    def expect(self) -> None:
+        """A frame is due from the peer soon (the answer to a request just sent): a
+        channel that can watch for it instead of sleeping does so for a short while.
+        Only a hint; nothing else changes."""
+
     @abstractmethod
     async def close(self) -> None:
         """Close this end. The peer sees `ChannelClosed` after the frames already sent."""

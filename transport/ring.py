@@ -7,9 +7,10 @@ Each frame is written once into the ring, as records aligned to 64 bytes:
     FIRST / MIDDLE / LAST   a larger frame, streamed through the ring in pieces of a
             quarter of the ring and assembled in a pooled buffer (one copy)
 
-Each direction has five control words (u64), each on its own cache line: HEAD (bytes
+Each direction has six control words (u64), each on its own cache line: HEAD (bytes
 written), TAIL (bytes the writer may reuse), READ_POS (bytes the reader has looked at),
-WRITER_WAITING and READER_SLEEPING. Wake-ups are signalled only on transitions: the
+WRITER_WAITING, READER_SLEEPING and WAKE_STAMP (CLOCK_MONOTONIC, in ns, of the writer's
+last signal: the reader learns from it how long its wake-up took). Wake-ups are signalled only on transitions: the
 writer signals when the reader said it is about to sleep (READER_SLEEPING; the writer
 clears it, so a batch of frames written while the reader wakes up costs one signal),
 the reader signals when the writer said it is waiting for space (full to not-full). A
@@ -36,6 +37,7 @@ import contextlib
 import mmap
 import struct
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -55,7 +57,7 @@ RECORD_BYTES = 64
 WHOLE, FIRST, MIDDLE, LAST, PAD = 1, 2, 3, 4, 5
 
 # Control words (u64) per direction, each on its own cache line.
-HEAD, TAIL, READ_POS, WRITER_WAITING, READER_SLEEPING = 0, 8, 16, 24, 32
+HEAD, TAIL, READ_POS, WRITER_WAITING, READER_SLEEPING, WAKE_STAMP = 0, 8, 16, 24, 32, 40
 DIRECTION_WORDS = 64
 
 _FENCE = threading.Lock()
@@ -166,6 +168,7 @@ class RingWriter:
         fence()
         if ctl[w + READER_SLEEPING]:
             ctl[w + READER_SLEEPING] = 0
+            ctl[w + WAKE_STAMP] = time.monotonic_ns()
             self._signal()
 
     def close(self) -> None:
@@ -216,6 +219,16 @@ class RingReader:
             return True
         ctl[r + READER_SLEEPING] = 0
         return False
+
+    def sleeping(self) -> bool:
+        """Whether this side has said it sleeps (a writer would signal it)."""
+        return bool(self._ctl[self._r + READER_SLEEPING])
+
+    def wake_latency(self) -> float:
+        """Seconds since the writer last signalled this side: called on a wake-up, how
+        long the wake-up took."""
+        stamp = int(self._ctl[self._r + WAKE_STAMP])
+        return max(0.0, (time.monotonic_ns() - stamp) / 1e9) if stamp else 0.0
 
     def polling(self) -> None:
         """This side stays awake and polls `pending`: writers need not signal. Call

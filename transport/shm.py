@@ -39,8 +39,9 @@ CONTROL_BYTES = 4096
 DEFAULT_RING_BYTES = 32 << 20
 MIN_RING_BYTES = 4096
 # Before sleeping on its eventfd a reader polls for up to this long, yielding to the
-# loop, when frames have lately come this close together (a reply due, a burst): a
-# frame that comes meanwhile costs neither side a wake-up. 0 turns polling off.
+# loop, when a reply is due (`expect`) or frames have lately come this close together
+# (a burst): a frame that comes meanwhile costs neither side a wake-up. 0 turns
+# polling off.
 DEFAULT_POLL_SECONDS = 100e-6
 
 
@@ -105,6 +106,7 @@ class ShmChannel(Channel):
         self._loop = asyncio.get_running_loop()
         self.poll_seconds = poll_seconds
         self._gap = float("inf")  # moving average of the waits for a frame, seconds
+        self._expecting = False  # a reply is due: poll for it before sleeping
         self._idle_since = 0.0
         self._end = end
         self.ring_bytes = ring = end.ring_bytes
@@ -146,6 +148,14 @@ class ShmChannel(Channel):
         if self.closed:
             raise ChannelClosed(self._closed_reason())
 
+    def expect(self) -> None:
+        if self.poll_seconds <= 0 or self._expecting:
+            return
+        self._expecting = True
+        waiter = self._recv_waiter
+        if self._handler is not None and waiter is not None and not waiter.done():
+            waiter.set_result(None)  # `pump` sleeps: it polls instead
+
     # -- wake-ups and the socketpair --------------------------------------------
 
     def _signal_peer(self) -> None:
@@ -162,12 +172,13 @@ class ShmChannel(Channel):
             pass
         waiter = self._recv_waiter
         if self._handler is not None and waiter is not None and not waiter.done():
-            # `pump` sleeps: hand the frames over from here, a task switch sooner.
-            self._waited(time.perf_counter() - self._idle_since)
+            # `pump` sleeps: hand the frames over from here, a task switch sooner. The
+            # wait the frame cost is what it took, less what sleeping added.
+            self._waited(time.perf_counter() - self._idle_since - self.reader.wake_latency())
             while True:
                 self._deliver()
                 if self._later is not None or self._failure is not None or self.closed \
-                        or self._gap < self.poll_seconds:  # `pump` polls for the next
+                        or self._gap < self.poll_seconds or self._expecting:  # `pump` polls
                     waiter.set_result(None)
                     break
                 if self.reader.idle():
@@ -272,7 +283,8 @@ class ShmChannel(Channel):
         its other descriptors are polled), instead of sleeping: True if a frame came.
         The reader's sleeping flag is clear meanwhile, so the writer does not signal."""
         limit = self.poll_seconds
-        if self._gap >= limit:
+        expecting, self._expecting = self._expecting, False
+        if self._gap >= limit and not expecting:
             return False
         reader = self.reader
         reader.polling()  # awake: a frame that comes meanwhile need not be signalled
@@ -287,6 +299,7 @@ class ShmChannel(Channel):
                 return False
 
     def _waited(self, seconds: float) -> None:
+        seconds = min(max(seconds, 0.0), 4 * self.poll_seconds)  # an idle spell counts once
         gap = self._gap
         self._gap = seconds if gap == float("inf") else 0.75 * gap + 0.25 * seconds
 

@@ -68,8 +68,8 @@ async def test_an_expected_reply_is_polled_for_and_costs_the_peer_no_signal():
         signalled = b.stats["wakeups_sent"]
         a.expect()  # a reply is due from b
         give_up = time.monotonic() + 30
-        while a.reader.sleeping() and time.monotonic() < give_up:
-            await asyncio.sleep(0)  # until a's pump polls (its sleeping flag clear)
+        while a.reader.sleeping() and time.monotonic() < give_up:  # noqa: ASYNC110
+            await asyncio.sleep(0)  # until a's pump polls (a flag in shared memory)
         await b.send(frame(1))
         assert int((await got.get()).meta) == 1
         assert b.stats["wakeups_sent"] == signalled

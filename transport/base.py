@@ -55,6 +55,7 @@ class Channel(ABC):
         """A frame is due from the peer soon (the answer to a request just sent): a
         channel that can watch for it instead of sleeping does so for a short while.
         Only a hint; nothing else changes."""
+        return  # optional for a transport: by default, nothing to do
 
     @abstractmethod
     async def close(self) -> None:

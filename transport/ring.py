@@ -10,12 +10,12 @@ Each frame is written once into the ring, as records aligned to 64 bytes:
 Each direction has six control words (u64), each on its own cache line: HEAD (bytes
 written), TAIL (bytes the writer may reuse), READ_POS (bytes the reader has looked at),
 WRITER_WAITING, READER_SLEEPING and WAKE_STAMP (CLOCK_MONOTONIC, in ns, of the writer's
-last signal: the reader learns from it how long its wake-up took). Wake-ups are signalled only on transitions: the
-writer signals when the reader said it is about to sleep (READER_SLEEPING; the writer
-clears it, so a batch of frames written while the reader wakes up costs one signal),
-the reader signals when the writer said it is waiting for space (full to not-full). A
-reader that expects frames soon may poll HEAD instead, with READER_SLEEPING clear, and
-no writer signals it.
+last signal: the reader learns from it how long its wake-up took). Wake-ups are
+signalled only on transitions: the writer signals when the reader said it is about to
+sleep (READER_SLEEPING; the writer clears it, so a batch of frames written while the
+reader wakes up costs one signal), the reader signals when the writer said it is
+waiting for space (full to not-full). A reader that expects frames soon may poll HEAD
+instead, with READER_SLEEPING clear, and no writer signals it.
 
 No wake-up is lost: both sides store their own word, then fence, then load the other's
 (Dekker). The reader stores READER_SLEEPING = 1, fences, loads HEAD; the writer stores

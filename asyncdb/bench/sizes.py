@@ -220,7 +220,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
 
 
 async def run(base: Settings | None = None, sizes: tuple[tuple[int, int], ...] = SIZES,
-              rounds: int = 3) -> dict[str, Any]:
+              rounds: int = 5) -> dict[str, Any]:
     """Every size in turn; the smallest (with Hogwild!) `rounds` times."""
     base = base or Settings()
     rows = [await one_size(hidden, steps, base, hogwild=i == 0,

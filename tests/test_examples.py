@@ -66,6 +66,6 @@ async def test_embedded_app_answers_while_training():
 
 @pytest.mark.slow
 def test_multihost_example():
-    run = load("multihost").main(epochs=8)
+    run = load("multihost").main(epochs=15)  # 8 reached 0.8997 once: asynchrony varies
     assert run.final["test_accuracy"] > 0.9
     assert run.final["replicas"] == 2

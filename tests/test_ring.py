@@ -19,39 +19,39 @@ def frame(i: int, pad: int = 0):
     return encode_frame(1, str(i).encode() + b" " * pad)
 
 
-async def test_a_sleeping_reader_is_signalled_once_per_batch():
+@pytest.fixture
+async def link():
+    """Two ends of one link in this process, neither polling (each wake-up visible)."""
     end_a, end_b = create_link(64 << 10)
     a, b = ShmChannel(end_a, poll_seconds=0), ShmChannel(end_b, poll_seconds=0)
-    try:
-        assert b.reader.idle()  # b says it sleeps: the next write signals it
-        for i in range(5):  # written before b wakes up: one signal for all of them
-            await a.send(frame(i))
-        assert a.stats["wakeups_sent"] == 1
-        got = [int((await b.receive()).meta) for _ in range(5)]
-        assert got == list(range(5))
-        assert b.reader.idle()
-        await a.send(frame(5))
-        assert a.stats["wakeups_sent"] == 2
-        assert int((await b.receive()).meta) == 5
-    finally:
-        await a.close()
-        await b.close()
+    yield a, b
+    await a.close()
+    await b.close()
 
 
-async def test_a_polling_reader_is_not_signalled():
-    end_a, end_b = create_link(64 << 10)
-    a, b = ShmChannel(end_a, poll_seconds=0), ShmChannel(end_b, poll_seconds=0)
-    try:
-        assert b.reader.idle()
-        b.reader.polling()  # b looks at the ring itself: no writer needs to wake it
-        await a.send(frame(0))
-        assert a.stats["wakeups_sent"] == 0
-        assert b.reader.pending()
-        assert int((await b.receive()).meta) == 0
-        assert not b.reader.pending()
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_sleeping_reader_is_signalled_once_per_batch(link):
+    a, b = link
+    assert b.reader.idle()  # b says it sleeps: the next write signals it
+    for i in range(5):  # written before b wakes up: one signal for all of them
+        await a.send(frame(i))
+    assert a.stats["wakeups_sent"] == 1
+    got = [int((await b.receive()).meta) for _ in range(5)]
+    assert got == list(range(5))
+    assert b.reader.idle()
+    await a.send(frame(5))
+    assert a.stats["wakeups_sent"] == 2
+    assert int((await b.receive()).meta) == 5
+
+
+async def test_a_polling_reader_is_not_signalled(link):
+    a, b = link
+    assert b.reader.idle()
+    b.reader.polling()  # b looks at the ring itself: no writer needs to wake it
+    await a.send(frame(0))
+    assert a.stats["wakeups_sent"] == 0
+    assert b.reader.pending()
+    assert int((await b.receive()).meta) == 0
+    assert not b.reader.pending()
 
 
 async def test_an_expected_reply_is_polled_for_and_costs_the_peer_no_signal():
@@ -80,19 +80,14 @@ async def test_an_expected_reply_is_polled_for_and_costs_the_peer_no_signal():
         await b.close()
 
 
-async def test_a_signalled_reader_learns_how_long_its_wake_up_took():
-    end_a, end_b = create_link(64 << 10)
-    a, b = ShmChannel(end_a, poll_seconds=0), ShmChannel(end_b, poll_seconds=0)
-    try:
-        assert b.reader.wake_latency() == 0.0  # never signalled
-        assert b.reader.idle()
-        before = time.monotonic()
-        await a.send(frame(0))
-        assert int((await b.receive()).meta) == 0
-        assert 0.0 <= b.reader.wake_latency() <= time.monotonic() - before
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_signalled_reader_learns_how_long_its_wake_up_took(link):
+    a, b = link
+    assert b.reader.wake_latency() == 0.0  # never signalled
+    assert b.reader.idle()
+    before = time.monotonic()
+    await a.send(frame(0))
+    assert int((await b.receive()).meta) == 0
+    assert 0.0 <= b.reader.wake_latency() <= time.monotonic() - before
 
 
 # Echoes every frame back; receives through `receive` (its own sleep and wake-ups).

@@ -30,15 +30,11 @@ class Ends:
         self.a, self.b = Pulse("127.0.0.1"), Pulse("127.0.0.1")
         self.silent = {"a": threading.Event(), "b": threading.Event()}
         self.reasons: dict[str, str] = {}
-        channel, a_send, a_receive = pulse_keys(SEND, RECEIVE, SEND)
-        _same, b_send, b_receive = pulse_keys(RECEIVE, SEND, SEND)
-        self.keys = {"a_send": a_send, "b_send": b_send}
-        self.watch_a = self.a.watch(Watch("b", channel, a_send, a_receive,
-                                          ("127.0.0.1", self.b.port), deadline,
-                                          lambda why: self._silent("a", why)))
-        self.watch_b = self.b.watch(Watch("a", channel, b_send, b_receive,
-                                          ("127.0.0.1", self.a.port), deadline,
-                                          lambda why: self._silent("b", why)))
+        self.keys_a, self.keys_b = pulse_keys(SEND, RECEIVE), pulse_keys(RECEIVE, SEND)
+        self.watch_a = self.a.watch(Watch("b", self.keys_a, ("127.0.0.1", self.b.port),
+                                          deadline, lambda why: self._silent("a", why)))
+        self.watch_b = self.b.watch(Watch("a", self.keys_b, ("127.0.0.1", self.a.port),
+                                          deadline, lambda why: self._silent("b", why)))
 
     def _silent(self, side: str, reason: str) -> None:
         self.reasons[side] = reason
@@ -57,11 +53,29 @@ def ends():
         pair.close()
 
 
-def test_both_ends_derive_one_channel_and_crossed_keys():
-    channel_a, a_send, a_receive = pulse_keys(SEND, RECEIVE, SEND)
-    channel_b, b_send, b_receive = pulse_keys(RECEIVE, SEND, SEND)
-    assert channel_a == channel_b and len(channel_a) == 8
-    assert a_send == b_receive and b_send == a_receive and a_send != a_receive
+def test_the_two_ends_derive_crossed_ids_and_keys():
+    a, b = pulse_keys(SEND, RECEIVE), pulse_keys(RECEIVE, SEND)
+    assert a.send_id == b.receive_id and b.send_id == a.receive_id
+    assert a.send_key == b.receive_key and b.send_key == a.receive_key
+    assert a.send_id != a.receive_id and a.send_key != a.receive_key
+    assert len(a.send_id) == 8
+
+
+def test_both_ends_of_one_connection_in_one_process_are_both_watched():
+    """One pulse thread, both ends of a connection (`ws_pair`, embedded nodes): two
+    watches, each answered by the other, none of their datagrams refused."""
+    pulse = Pulse("127.0.0.1")
+    try:
+        here = ("127.0.0.1", pulse.port)
+        silent = threading.Event()
+        a = pulse.watch(Watch("b", pulse_keys(SEND, RECEIVE), here, 0.5,
+                              lambda why: silent.set()))
+        b = pulse.watch(Watch("a", pulse_keys(RECEIVE, SEND), here, 0.5,
+                              lambda why: silent.set()))
+        wait_until(lambda: a.seq >= 10 and b.seq >= 10)
+        assert a.confirmed and b.confirmed and pulse.rejected == 0 and not silent.is_set()
+    finally:
+        pulse.close()
 
 
 def test_pings_are_answered_and_nobody_is_reported(ends):
@@ -93,13 +107,13 @@ def test_garbage_forgeries_and_replays_are_dropped(ends):
 def _hostile_then_genuine(pair: Ends, probe: socket.socket) -> None:
     probe.bind(("127.0.0.1", 0))
     probe.settimeout(0.3)
-    channel = pair.watch_b.channel
+    a_id, a_key = pair.keys_a.send_id, pair.keys_a.send_key  # what a's pings carry
     target = ("127.0.0.1", pair.b.port)
     before = pair.b.rejected
-    forged = datagram(os.urandom(32), PING, channel, 10**9)
-    replayed = datagram(pair.keys["a_send"], PING, channel, 1)  # a's first ping, again
-    unknown = datagram(pair.keys["a_send"], PING, os.urandom(8), 10**9)
-    bad_kind = bytearray(datagram(pair.keys["a_send"], PING, channel, 10**9))
+    forged = datagram(os.urandom(32), PING, a_id, 10**9)
+    replayed = datagram(a_key, PING, a_id, 1)  # a's first ping, again
+    unknown = datagram(a_key, PING, os.urandom(8), 10**9)
+    bad_kind = bytearray(datagram(a_key, PING, a_id, 10**9))
     bad_kind[4] = 7
     hostile = [b"", b"x" * 39, os.urandom(DATAGRAM.size), b"adbp" + b"\0" * 100, forged,
                replayed, unknown, bytes(bad_kind)]
@@ -110,9 +124,9 @@ def _hostile_then_genuine(pair: Ends, probe: socket.socket) -> None:
         probe.recvfrom(64)
     # a genuine ping from a new address still is (the next seq a has not used yet)
     seq = 10**6
-    probe.sendto(datagram(pair.keys["a_send"], PING, channel, seq), target)
+    probe.sendto(datagram(a_key, PING, a_id, seq), target)
     answer, _ = probe.recvfrom(64)
-    assert answer == datagram(pair.keys["b_send"], PONG, channel, seq)
+    assert answer == datagram(pair.keys_b.send_key, PONG, pair.keys_b.send_id, seq)
 
 
 def test_a_watch_that_is_forgotten_is_not_reported(ends):

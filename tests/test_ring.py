@@ -82,12 +82,14 @@ async def test_an_expected_reply_is_polled_for_and_costs_the_peer_no_signal():
 
 async def test_a_signalled_reader_learns_how_long_its_wake_up_took(link):
     a, b = link
-    assert b.reader.wake_latency() == 0.0  # never signalled
-    assert b.reader.idle()
+    assert b.reader.wake_latency(0.0) == 0.0  # never signalled
     before = time.monotonic()
+    assert b.reader.idle()
     await a.send(frame(0))
     assert int((await b.receive()).meta) == 0
-    assert 0.0 <= b.reader.wake_latency() <= time.monotonic() - before
+    took = b.reader.wake_latency(before)
+    assert 0.0 < took <= time.monotonic() - before
+    assert b.reader.wake_latency(time.monotonic()) == 0.0  # a signal from before then
 
 
 # Echoes every frame back; receives through `receive` (its own sleep and wake-ups).

@@ -557,3 +557,24 @@ async def test_a_frozen_peer_is_lost_after_the_deadline(busy_peer):
             assert time.monotonic() - frozen >= 0.4  # the deadline, not before
         finally:
             os.kill(busy_peer.proc.pid, signal.SIGCONT)
+
+
+async def test_without_a_pulse_thread_the_loop_holds_the_deadline(busy_peer, monkeypatch):
+    """No UDP socket to be had here: websocket traffic alone, judged on the loop,
+    still finds a frozen peer."""
+    from asyncdb.transport.pulse import Pulse
+
+    def no_socket() -> Pulse:
+        raise OSError("no UDP here")
+
+    monkeypatch.setattr(Pulse, "acquire", no_socket)
+    async with asyncdb.Node("driver", ask_timeout=60) as node:
+        channel = await ws.connect(busy_peer.url, SECRET, node.id, heartbeat=0.5)
+        node.connect(channel.peer, channel)
+        busy = await node.spawn("tests.Busy", node="busy")
+        os.kill(busy_peer.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(asyncdb.ChannelClosed, match="nothing heard from busy"):
+                await busy.ask(0.0)
+        finally:
+            os.kill(busy_peer.proc.pid, signal.SIGCONT)

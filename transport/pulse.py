@@ -13,9 +13,11 @@ Datagram (little-endian, 40 bytes):
 
     b"adbp" | kind u8 (PING 1, PONG 2) | 3 zero bytes | channel id (8) | seq u64 | tag (16)
 
-The channel id and the two per-direction keys come from the websocket's session keys
-(`transport.wsauth`), so only the two ends of that connection can make a valid datagram;
-tag = HMAC-SHA256(key, kind | id | seq) cut to 16 bytes. A ping is answered only when
+The id and the key of each direction come from the websocket's session key of that
+direction (`transport.wsauth`), so only the two ends of that connection can make a
+valid datagram, and the two ends of one connection in one process do not collide; a
+datagram carries its sender's id, tag = HMAC-SHA256(key, kind | id | seq) cut to 16
+bytes. A ping is answered only when
 its seq is newer than the last one answered, and a pong counts only for the newest
 ping sent, so replayed datagrams prove nothing. Anything else is counted and dropped.
 
@@ -31,7 +33,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import select
+import selectors
 import socket
 import struct
 import threading
@@ -49,16 +51,24 @@ PINGS_PER_DEADLINE = 5
 Silent = Callable[[str], None]  # called (from the pulse thread) with the reason
 
 
-def pulse_keys(send_key: bytes, receive_key: bytes, client_to_server: bytes
-               ) -> tuple[bytes, bytes, bytes]:
-    """(channel id, key of what this side sends, key of what it receives), derived
-    from a websocket's session keys; `client_to_server` names the connection alike on
-    both ends."""
+@dataclass(frozen=True)
+class PulseKeys:
+    """One side's ids and keys: it sends datagrams as `send_id` under `send_key` and
+    takes those that come as `receive_id` under `receive_key`."""
+
+    send_id: bytes
+    send_key: bytes
+    receive_id: bytes
+    receive_key: bytes
+
+
+def pulse_keys(send_key: bytes, receive_key: bytes) -> PulseKeys:
+    """Derived from a websocket's session keys of the two directions."""
     def derive(key: bytes, label: bytes) -> bytes:
         return hmac.new(key, b"asyncdb-pulse|" + label, hashlib.sha256).digest()
 
-    return (derive(client_to_server, b"id")[:8], derive(send_key, b"key"),
-            derive(receive_key, b"key"))
+    return PulseKeys(derive(send_key, b"id")[:8], derive(send_key, b"key"),
+                     derive(receive_key, b"id")[:8], derive(receive_key, b"key"))
 
 
 def _tag(key: bytes, kind: int, channel: bytes, seq: int) -> bytes:
@@ -75,9 +85,7 @@ class Watch:
     path: the pulse thread sets it on a pong or ping, the channel on a message."""
 
     name: str
-    channel: bytes
-    send_key: bytes
-    receive_key: bytes
+    keys: PulseKeys
     address: tuple[str, int] | None
     deadline: float
     on_silent: Silent
@@ -103,16 +111,24 @@ class Pulse:
     def __init__(self, host: str = "::") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
-        if family == socket.AF_INET6:
-            with contextlib.suppress(OSError):  # dual stack: IPv4 peers too
-                self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        self._sock.bind((host, 0))
+        try:
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):  # dual stack: IPv4 peers too
+                    self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self._sock.bind((host, 0))
+        except OSError:
+            self._sock.close()
+            raise
         self._sock.setblocking(False)
         self.port: int = self._sock.getsockname()[1]
         self._family = family
         self._watches: dict[bytes, Watch] = {}
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)  # never holds up the loop that watches
+        self._selector = selectors.DefaultSelector()  # any descriptor number
+        self._selector.register(self._sock, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._closed = False
         self._users = 0
         self.rejected = 0  # datagrams dropped: malformed, unknown, forged or replayed
@@ -143,48 +159,57 @@ class Pulse:
 
     def watch(self, watch: Watch) -> Watch:
         with self._lock:
-            self._watches[watch.channel] = watch
-        self._wake_w.send(b"\0")  # its first ping goes now
+            self._watches[watch.keys.receive_id] = watch
+        self._nudge()  # its first ping goes now
         return watch
+
+    def _nudge(self) -> None:
+        with contextlib.suppress(OSError):  # full: the thread is awake anyway
+            self._wake_w.send(b"\0")
 
     def forget(self, watch: Watch) -> None:
         with self._lock:
-            if self._watches.get(watch.channel) is watch:
-                del self._watches[watch.channel]
+            if self._watches.get(watch.keys.receive_id) is watch:
+                del self._watches[watch.keys.receive_id]
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-        self._thread.join(5.0)
+        self._nudge()
+        self._thread.join(5.0)  # it wakes on the nudge: a few microseconds
+        self._selector.close()
         for sock in (self._sock, self._wake_r, self._wake_w):
             sock.close()
 
     # -- the thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        last = time.monotonic()
+        last, interval, slack = time.monotonic(), 1.0, 0.5
         while not self._closed:
-            with self._lock:
-                watches = list(self._watches.values())
-            interval = min((w.deadline / PINGS_PER_DEADLINE for w in watches), default=1.0)
             try:
-                ready, _, _ = select.select([self._sock, self._wake_r], [], [], interval)
-            except (OSError, ValueError):
-                return  # closed under us
+                ready = {key.fileobj for key, _ in self._selector.select(interval)}
+            except OSError as exc:
+                if not self._closed:
+                    log.error("pulse thread stops: %r; websocket liveness rests on "
+                              "websocket traffic from now on", exc)
+                return
             now = time.monotonic()
-            if now - last > interval + min((w.deadline for w in watches), default=1.0) / 2:
-                for watch in watches:  # we were stopped ourselves: nobody is to blame
-                    watch.heard = now
+            if now - last > interval + slack:
+                with self._lock:  # we were stopped ourselves: nobody is to blame
+                    for watch in self._watches.values():
+                        watch.heard = now
             last = now
             if self._wake_r in ready:
                 with contextlib.suppress(OSError):
                     self._wake_r.recv(4096)
             if self._sock in ready:
                 self._receive()
+            with self._lock:
+                watches = list(self._watches.values())
             self._tick(watches, now)
+            interval = min((w.deadline / PINGS_PER_DEADLINE for w in watches), default=1.0)
+            slack = min((w.deadline for w in watches), default=1.0) / 2
 
     def _receive(self) -> None:
         for _ in range(256):  # what has come, without starving the pings
@@ -200,11 +225,11 @@ class Pulse:
         if len(data) != DATAGRAM.size:
             self.rejected += 1
             return
-        magic, kind, channel, seq, tag = DATAGRAM.unpack(data)
+        magic, kind, sender_id, seq, tag = DATAGRAM.unpack(data)
         with self._lock:
-            watch = self._watches.get(channel)
-        if magic != MAGIC or watch is None or kind not in (PING, PONG) \
-                or not hmac.compare_digest(tag, _tag(watch.receive_key, kind, channel, seq)):
+            watch = self._watches.get(sender_id)
+        if magic != MAGIC or watch is None or kind not in (PING, PONG) or not \
+                hmac.compare_digest(tag, _tag(watch.keys.receive_key, kind, sender_id, seq)):
             self.rejected += 1
             return
         if kind == PING:
@@ -213,7 +238,8 @@ class Pulse:
                 return
             watch.answered = seq
             watch.touch()
-            self._send(datagram(watch.send_key, PONG, channel, seq), sender)
+            keys = watch.keys
+            self._send(datagram(keys.send_key, PONG, keys.send_id, seq), sender)
         elif seq == watch.seq:  # the answer to our newest ping
             watch.confirmed = True
             watch.touch()
@@ -238,7 +264,8 @@ class Pulse:
                             "for a freeze", watch.name, *watch.address[:2])
             watch.seq += 1
             watch.pinged = now
-            self._send(datagram(watch.send_key, PING, watch.channel, watch.seq), watch.address)
+            keys = watch.keys
+            self._send(datagram(keys.send_key, PING, keys.send_id, watch.seq), watch.address)
 
     def _send(self, data: bytes, address: tuple[str, int]) -> None:
         with contextlib.suppress(OSError):  # unreachable now: the deadline decides

@@ -224,11 +224,12 @@ class RingReader:
         """Whether this side has said it sleeps (a writer would signal it)."""
         return bool(self._ctl[self._r + READER_SLEEPING])
 
-    def wake_latency(self) -> float:
-        """Seconds since the writer last signalled this side: called on a wake-up, how
-        long the wake-up took."""
-        stamp = int(self._ctl[self._r + WAKE_STAMP])
-        return max(0.0, (time.monotonic_ns() - stamp) / 1e9) if stamp else 0.0
+    def wake_latency(self, since: float) -> float:
+        """Called on a wake-up: how long it took, if the writer signalled after `since`
+        (CLOCK_MONOTONIC seconds, when this side went to sleep), else 0.0 (the wake-up
+        was for something else, such as freed space)."""
+        stamp = int(self._ctl[self._r + WAKE_STAMP]) / 1e9
+        return max(0.0, time.monotonic() - stamp) if stamp and stamp >= since else 0.0
 
     def polling(self) -> None:
         """This side stays awake and polls `pending`: writers need not signal. Call

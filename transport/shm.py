@@ -149,7 +149,7 @@ class ShmChannel(Channel):
             raise ChannelClosed(self._closed_reason())
 
     def expect(self) -> None:
-        if self.poll_seconds <= 0 or self._expecting:
+        if self.poll_seconds <= 0:
             return
         self._expecting = True
         waiter = self._recv_waiter
@@ -174,7 +174,9 @@ class ShmChannel(Channel):
         if self._handler is not None and waiter is not None and not waiter.done():
             # `pump` sleeps: hand the frames over from here, a task switch sooner. The
             # wait the frame cost is what it took, less what sleeping added.
-            self._waited(time.perf_counter() - self._idle_since - self.reader.wake_latency())
+            if self.reader.pending():
+                since = self._idle_since
+                self._waited(time.monotonic() - since - self.reader.wake_latency(since))
             while True:
                 self._deliver()
                 if self._later is not None or self._failure is not None or self.closed \
@@ -182,7 +184,7 @@ class ShmChannel(Channel):
                     waiter.set_result(None)
                     break
                 if self.reader.idle():
-                    self._idle_since = time.perf_counter()
+                    self._idle_since = time.monotonic()
                     break
             self.writer.wake()
             return
@@ -268,7 +270,7 @@ class ShmChannel(Channel):
                     raise ChannelClosed(self._closed_reason())
                 if await self._poll() or not self.reader.idle():
                     continue
-                self._idle_since = time.perf_counter()
+                self._idle_since = time.monotonic()
                 self._recv_waiter = self._loop.create_future()
                 try:
                     await self._recv_waiter
@@ -288,13 +290,13 @@ class ShmChannel(Channel):
             return False
         reader = self.reader
         reader.polling()  # awake: a frame that comes meanwhile need not be signalled
-        began = time.perf_counter()
+        began = time.monotonic()
         while True:
             await asyncio.sleep(0)
             if reader.pending() or self.closed:
-                self._waited(time.perf_counter() - began)
+                self._waited(time.monotonic() - began)
                 return True
-            if time.perf_counter() - began >= limit:
+            if time.monotonic() - began >= limit:
                 self._gap = limit  # nothing came: sleep until frames come closer again
                 return False
 

@@ -77,7 +77,7 @@ class WsChannel(Channel):
     def __init__(self, ws: Socket, peer: str, keys: Keys,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  on_close: Callable[[], Awaitable[None]] | None = None, *,
-                 client: bool = True, heartbeat: float | None = DEFAULT_HEARTBEAT,
+                 heartbeat: float | None = DEFAULT_HEARTBEAT,
                  pulse: Pulse | None = None,
                  pulse_address: tuple[str, int] | None = None) -> None:
         self.ws = ws
@@ -95,9 +95,10 @@ class WsChannel(Channel):
         self._done = self._loop.create_future()
         self._pulse: Pulse | None = None
         self._watch: Watch | None = None
+        self._last_heard = self._loop.time()
         self._tasks: set[asyncio.Task[None]] = set()
         if heartbeat is not None:
-            self._watch_liveness(keys, client, heartbeat, pulse, pulse_address)
+            self._watch_liveness(keys, heartbeat, pulse, pulse_address)
         elif pulse is not None:
             pulse.release()
 
@@ -107,29 +108,33 @@ class WsChannel(Channel):
 
     # -- liveness -----------------------------------------------------------------
 
-    def _watch_liveness(self, keys: Keys, client: bool, deadline: float,
-                        pulse: Pulse | None, address: tuple[str, int] | None) -> None:
+    def _watch_liveness(self, keys: Keys, deadline: float, pulse: Pulse | None,
+                        address: tuple[str, int] | None) -> None:
         """Hand the channel to `pulse` (this channel's reference to it, released on
         close), which pings `address` if the peer named one; keep websocket pings
-        going. Without a pulse thread, a deadline on websocket traffic is all there is."""
-        channel, send_key, receive_key = pulse_keys(keys[0], keys[1],
-                                                    keys[0] if client else keys[1])
+        going. Without a pulse thread, the loop holds websocket traffic to the deadline."""
         if pulse is not None:
             self._pulse = pulse
-            self._watch = pulse.watch(Watch(self.peer, channel, send_key, receive_key,
-                                            address, deadline, self._silent_from_thread))
-        self._spawn(self._keep_alive(deadline / PINGS_PER_DEADLINE))
+            self._watch = pulse.watch(Watch(self.peer, pulse_keys(keys[0], keys[1]), address,
+                                            deadline, self._silent_from_thread))
+        self._spawn(self._keep_alive(deadline))
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _keep_alive(self, interval: float) -> None:
+    async def _keep_alive(self, deadline: float) -> None:
         """A websocket ping now and then: traffic that keeps an idle channel alive
-        where UDP pulses do not get through."""
+        where UDP pulses do not get through. Without a pulse thread, this loop is the
+        judge: silence past the deadline closes the channel."""
         while not self.closed:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(deadline / PINGS_PER_DEADLINE)
+            silent = self._loop.time() - self._last_heard
+            if self._watch is None and silent > deadline:
+                self._on_silent(f"nothing heard from {self.peer} for {silent:.1f} s "
+                                f"(deadline {deadline:g} s)")
+                return
             try:
                 await self.ws.ping()
             except (ConnectionError, RuntimeError):
@@ -152,6 +157,7 @@ class WsChannel(Channel):
                                    CLOSE_WAIT)
 
     def _heard(self) -> None:
+        self._last_heard = self._loop.time()
         if self._watch is not None:
             self._watch.touch()
 
@@ -314,6 +320,9 @@ async def connect(url: str, secret: bytes, node: str, *,
             if isinstance(exc, AuthenticationError):
                 raise
             raise AuthenticationError(f"no handshake from {url} in {AUTH_TIMEOUT:g} s") from exc
+        return WsChannel(ws, peer, keys, max_frame_bytes, on_close=session.close,
+                         heartbeat=heartbeat, pulse=pulse,
+                         pulse_address=_address(ws, peer_pulse))
     except BaseException as exc:
         await session.close()
         if pulse is not None:
@@ -322,8 +331,6 @@ async def connect(url: str, secret: bytes, node: str, *,
                 exc, AuthenticationError):
             raise ChannelClosed(f"cannot connect to {url}: {exc}") from exc
         raise
-    return WsChannel(ws, peer, keys, max_frame_bytes, on_close=session.close, client=True,
-                     heartbeat=heartbeat, pulse=pulse, pulse_address=_address(ws, peer_pulse))
 
 
 def _acquire_pulse(heartbeat: float | None) -> Pulse | None:
@@ -401,10 +408,13 @@ def make_server(secret: bytes, node: str, on_channel: Accept, *,
                 pulse.release()
             raise
         channel = WsChannel(ws, peer, (to_client, to_server), max_frame_bytes,  # send, receive
-                            client=False, heartbeat=heartbeat, pulse=pulse,
+                            heartbeat=heartbeat, pulse=pulse,
                             pulse_address=_address(ws, peer_pulse))
-        await on_channel(peer, channel)
-        await channel.wait_closed()
+        try:
+            await on_channel(peer, channel)
+            await channel.wait_closed()
+        finally:  # a failed or cancelled handler lets go of the channel's pulse too
+            await channel._finish("(the server let go of the connection)")
         return ws
 
     gate = Gate(handler, auth_timeout=auth_timeout, max_pending=max_pending,

@@ -533,22 +533,25 @@ def busy_peer(tmp_path):
     peer.stop()
 
 
+async def _busy_actor(node, peer):
+    """A channel to `peer` with a half-second deadline, and a `tests.Busy` there."""
+    channel = await ws.connect(peer.url, SECRET, node.id, heartbeat=0.5)
+    node.connect(channel.peer, channel)
+    return channel, await node.spawn("tests.Busy", node="busy")
+
+
 async def test_a_peer_busy_past_the_deadline_is_not_taken_for_frozen(busy_peer):
     """Its event loop blocked for four deadlines: the pulse thread still answers, so
     the channel stays open and the answer comes."""
     async with asyncdb.Node("driver", ask_timeout=60) as node:
-        channel = await ws.connect(busy_peer.url, SECRET, node.id, heartbeat=0.5)
-        node.connect(channel.peer, channel)
-        busy = await node.spawn("tests.Busy", node="busy")
+        channel, busy = await _busy_actor(node, busy_peer)
         assert await busy.ask(2.0) == 2.0
         assert not channel.closed and "busy" in node.peers()
 
 
 async def test_a_frozen_peer_is_lost_after_the_deadline(busy_peer):
     async with asyncdb.Node("driver", ask_timeout=60) as node:
-        channel = await ws.connect(busy_peer.url, SECRET, node.id, heartbeat=0.5)
-        node.connect(channel.peer, channel)
-        busy = await node.spawn("tests.Busy", node="busy")
+        _channel, busy = await _busy_actor(node, busy_peer)
         frozen = time.monotonic()
         os.kill(busy_peer.proc.pid, signal.SIGSTOP)
         try:
@@ -569,9 +572,7 @@ async def test_without_a_pulse_thread_the_loop_holds_the_deadline(busy_peer, mon
 
     monkeypatch.setattr(Pulse, "acquire", no_socket)
     async with asyncdb.Node("driver", ask_timeout=60) as node:
-        channel = await ws.connect(busy_peer.url, SECRET, node.id, heartbeat=0.5)
-        node.connect(channel.peer, channel)
-        busy = await node.spawn("tests.Busy", node="busy")
+        _channel, busy = await _busy_actor(node, busy_peer)
         os.kill(busy_peer.proc.pid, signal.SIGSTOP)
         try:
             with pytest.raises(asyncdb.ChannelClosed, match="nothing heard from busy"):

@@ -11,15 +11,15 @@ the loop that registered it (`call_soon_threadsafe`); the channel then closes.
 
 Datagram (little-endian, 40 bytes):
 
-    b"adbp" | kind u8 (PING 1, PONG 2) | 3 zero bytes | channel id (8) | seq u64 | tag (16)
+    b"adbp" | kind u8 (PING 1, PONG 2) | 3 zero bytes | sender id (8) | seq u64 | tag (16)
 
 The id and the key of each direction come from the websocket's session key of that
 direction (`transport.wsauth`), so only the two ends of that connection can make a
 valid datagram, and the two ends of one connection in one process do not collide; a
 datagram carries its sender's id, tag = HMAC-SHA256(key, kind | id | seq) cut to 16
-bytes. A ping is answered only when
-its seq is newer than the last one answered, and a pong counts only for the newest
-ping sent, so replayed datagrams prove nothing. Anything else is counted and dropped.
+bytes. A ping is answered only when its seq is newer than the last one answered, and a
+pong counts only for the newest ping sent, so replayed datagrams prove nothing.
+Anything else is counted and dropped.
 
 Where UDP does not get through (no pong ever came), websocket traffic alone keeps a
 channel alive, and a busy peer can then be mistaken for a frozen one; that is logged
@@ -71,12 +71,12 @@ def pulse_keys(send_key: bytes, receive_key: bytes) -> PulseKeys:
                      derive(receive_key, b"id")[:8], derive(receive_key, b"key"))
 
 
-def _tag(key: bytes, kind: int, channel: bytes, seq: int) -> bytes:
-    return hmac.new(key, struct.pack("<B8sQ", kind, channel, seq), hashlib.sha256).digest()[:16]
+def _tag(key: bytes, kind: int, sender: bytes, seq: int) -> bytes:
+    return hmac.new(key, struct.pack("<B8sQ", kind, sender, seq), hashlib.sha256).digest()[:16]
 
 
-def datagram(key: bytes, kind: int, channel: bytes, seq: int) -> bytes:
-    return DATAGRAM.pack(MAGIC, kind, channel, seq, _tag(key, kind, channel, seq))
+def datagram(key: bytes, kind: int, sender: bytes, seq: int) -> bytes:
+    return DATAGRAM.pack(MAGIC, kind, sender, seq, _tag(key, kind, sender, seq))
 
 
 @dataclass
@@ -215,9 +215,7 @@ class Pulse:
         for _ in range(256):  # what has come, without starving the pings
             try:
                 data, sender = self._sock.recvfrom(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing more to read (BlockingIOError), or closed
                 return
             self._take(data, sender)
 

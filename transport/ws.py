@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -94,8 +95,7 @@ class WsChannel(Channel):
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         self._pulse: Pulse | None = None
-        self._watch: Watch | None = None
-        self._last_heard = self._loop.time()
+        self._watch: Watch | None = None  # when the peer was last heard from
         self._tasks: set[asyncio.Task[None]] = set()
         if heartbeat is not None:
             self._watch_liveness(keys, heartbeat, pulse, pulse_address)
@@ -113,25 +113,27 @@ class WsChannel(Channel):
         """Hand the channel to `pulse` (this channel's reference to it, released on
         close), which pings `address` if the peer named one; keep websocket pings
         going. Without a pulse thread, the loop holds websocket traffic to the deadline."""
+        self._watch = Watch(self.peer, pulse_keys(keys[0], keys[1]), address, deadline,
+                            self._silent_from_thread)
         if pulse is not None:
             self._pulse = pulse
-            self._watch = pulse.watch(Watch(self.peer, pulse_keys(keys[0], keys[1]), address,
-                                            deadline, self._silent_from_thread))
-        self._spawn(self._keep_alive(deadline))
+            pulse.watch(self._watch)
+        self._spawn(self._keep_alive(self._watch))
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _keep_alive(self, deadline: float) -> None:
+    async def _keep_alive(self, watch: Watch) -> None:
         """A websocket ping now and then: traffic that keeps an idle channel alive
         where UDP pulses do not get through. Without a pulse thread, this loop is the
         judge: silence past the deadline closes the channel."""
+        deadline = watch.deadline
         while not self.closed:
             await asyncio.sleep(deadline / PINGS_PER_DEADLINE)
-            silent = self._loop.time() - self._last_heard
-            if self._watch is None and silent > deadline:
+            silent = time.monotonic() - watch.heard
+            if self._pulse is None and silent > deadline:
                 self._on_silent(f"nothing heard from {self.peer} for {silent:.1f} s "
                                 f"(deadline {deadline:g} s)")
                 return
@@ -157,7 +159,6 @@ class WsChannel(Channel):
                                    CLOSE_WAIT)
 
     def _heard(self) -> None:
-        self._last_heard = self._loop.time()
         if self._watch is not None:
             self._watch.touch()
 
@@ -225,9 +226,8 @@ class WsChannel(Channel):
             return
         self._closed = True
         self._reason = reason
-        if self._pulse is not None:
-            if self._watch is not None:
-                self._pulse.forget(self._watch)
+        if self._pulse is not None and self._watch is not None:
+            self._pulse.forget(self._watch)
             self._pulse.release()
             self._pulse = None
         for task in self._tasks:

@@ -63,7 +63,7 @@ def test_the_two_ends_derive_crossed_ids_and_keys():
 
 def test_both_ends_of_one_connection_in_one_process_are_both_watched():
     """One pulse thread, both ends of a connection (`ws_pair`, embedded nodes): two
-    watches, each answered by the other, none of their datagrams refused."""
+    watches, each answered by the other."""
     pulse = Pulse("127.0.0.1")
     try:
         here = ("127.0.0.1", pulse.port)
@@ -73,7 +73,7 @@ def test_both_ends_of_one_connection_in_one_process_are_both_watched():
         b = pulse.watch(Watch("a", pulse_keys(RECEIVE, SEND), here, 0.5,
                               lambda why: silent.set()))
         wait_until(lambda: a.seq >= 10 and b.seq >= 10)
-        assert a.confirmed and b.confirmed and pulse.rejected == 0 and not silent.is_set()
+        assert a.confirmed and b.confirmed and not silent.is_set()
     finally:
         pulse.close()
 

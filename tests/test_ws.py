@@ -562,15 +562,22 @@ async def test_a_frozen_peer_is_lost_after_the_deadline(busy_peer):
             os.kill(busy_peer.proc.pid, signal.SIGCONT)
 
 
-async def test_without_a_pulse_thread_the_loop_holds_the_deadline(busy_peer, monkeypatch):
-    """No UDP socket to be had here: websocket traffic alone, judged on the loop,
-    still finds a frozen peer."""
+@pytest.mark.parametrize("pulse", ["no UDP socket", "thread stopped"])
+async def test_without_a_pulse_thread_the_loop_holds_the_deadline(busy_peer, monkeypatch,
+                                                                  pulse):
+    """No UDP socket to be had here, or a pulse thread that stopped: websocket traffic
+    alone, judged on the loop, still finds a frozen peer."""
     from asyncdb.transport.pulse import Pulse
 
-    def no_socket() -> Pulse:
-        raise OSError("no UDP here")
+    stopped = Pulse("127.0.0.1")
+    stopped.close()
 
-    monkeypatch.setattr(Pulse, "acquire", no_socket)
+    def acquire() -> Pulse:
+        if pulse == "no UDP socket":
+            raise OSError("no UDP here")
+        return stopped
+
+    monkeypatch.setattr(Pulse, "acquire", acquire)
     async with asyncdb.Node("driver", ask_timeout=60) as node:
         _channel, busy = await _busy_actor(node, busy_peer)
         os.kill(busy_peer.proc.pid, signal.SIGSTOP)

@@ -127,13 +127,13 @@ class WsChannel(Channel):
 
     async def _keep_alive(self, watch: Watch) -> None:
         """A websocket ping now and then: traffic that keeps an idle channel alive
-        where UDP pulses do not get through. Without a pulse thread, this loop is the
-        judge: silence past the deadline closes the channel."""
+        where UDP pulses do not get through. Without a running pulse thread, this loop
+        is the judge: silence past the deadline closes the channel."""
         deadline = watch.deadline
         while not self.closed:
             await asyncio.sleep(deadline / PINGS_PER_DEADLINE)
             silent = time.monotonic() - watch.heard
-            if self._pulse is None and silent > deadline:
+            if silent > deadline and (self._pulse is None or not self._pulse.running):
                 self._on_silent(f"nothing heard from {self.peer} for {silent:.1f} s "
                                 f"(deadline {deadline:g} s)")
                 return
